@@ -1,0 +1,147 @@
+"""kvdedup's KV connector (vLLM 0.32, ``KVConnectorBase_V1``, experimental upstream API).
+
+Load it out of tree with ``--kv-transfer-config '{"kv_connector": "DedupConnector",
+"kv_connector_module_path": "vllm_ext.connector", "kv_role": "kv_both",
+"kv_connector_extra_config": {"mode": "prefix"}}'`` (``vllm_ext.launch`` builds this).
+
+In ``prefix`` mode it moves no KV: sharing happens inside vLLM's block pool, verified by
+``DedupScheduler``. The connector is the documented route for engine-side numbers to
+reach vLLM's loggers: ``get_kv_connector_stats`` (extends
+``KVConnectorBase_V1.get_kv_connector_stats``) hands the scheduler's latest
+``StepStats`` to ``SchedulerStats.kv_connector_stats``; ``build_kv_connector_stats`` and
+``build_prom_metrics`` (extend the classmethods of the same names) turn it into the log
+line and the ``kvdedup_*`` Prometheus series on ``/metrics``. In the default multi-process
+engine this object exists once per process role (scheduler side, worker side); per-step
+data travels only through ``KVConnectorMetadata``, never module globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+
+from .metrics import COUNTERS, StepRecorder
+from .version import check_vllm_version
+
+check_vllm_version()
+
+GAUGES = ("logical_blocks", "physical_blocks", "dedup_ratio", "bytes_saved", "num_running")
+
+
+@dataclass
+class DedupConnectorStats(KVConnectorStats):
+    """``data = {"kvdedup": <StepStats dict>}``; aggregating keeps the newest snapshot
+    (counters inside are cumulative, gauges are point-in-time)."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        mine, theirs = self.data.get("kvdedup"), other.data.get("kvdedup")
+        if theirs and (not mine or theirs["step"] >= mine["step"]):
+            self.data = dict(other.data)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        s = self.data.get("kvdedup") or {}
+        q = s.get("prefix_queries", 0)
+        return {"logical_blocks": s.get("logical_blocks", 0),
+                "physical_blocks": s.get("physical_blocks", 0),
+                "dedup_ratio": s.get("dedup_ratio", 1.0),
+                "prefix_hit_rate": round(s.get("prefix_hits", 0) / q, 4) if q else 0.0,
+                "verified_hits": s.get("verified_hits", 0),
+                "collisions": s.get("collisions", 0),
+                "sequence_hits": s.get("sequence_hits", 0)}
+
+    def is_empty(self) -> bool:
+        return not self.data.get("kvdedup")
+
+
+class DedupPromMetrics(KVConnectorPromMetrics):
+    """``kvdedup_<gauge>`` gauges and ``kvdedup_<counter>_total`` counters per engine."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._gauges = {k: self._gauge_cls(f"kvdedup_{k}", f"kvdedup {k} (latest step)",
+                                           labelnames=labelnames) for k in GAUGES}
+        self._counters = {k: self._counter_cls(f"kvdedup_{k}", f"kvdedup {k} (cumulative)",
+                                               labelnames=labelnames) for k in COUNTERS}
+        self._last: dict[int, dict[str, int]] = {}
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        s = transfer_stats_data.get("kvdedup")
+        if not s:
+            return
+        labels = self.per_engine_labelvalues[engine_idx]
+        for k, g in self._gauges.items():
+            g.labels(*labels).set(s[k])
+        last = self._last.setdefault(engine_idx, {})
+        for k, c in self._counters.items():
+            delta = s[k] - last.get(k, 0)
+            if delta > 0:
+                c.labels(*labels).inc(delta)
+            last[k] = s[k]
+
+
+class DedupConnectorMetadata(KVConnectorMetadata):
+    """Per-step plan sent from scheduler to workers (empty in prefix mode)."""
+
+
+class DedupConnector(KVConnectorBase_V1):
+    """No-transfer connector carrying kvdedup's metrics (prefix mode)."""
+
+    def __init__(self, vllm_config, role, kv_cache_config=None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._recorder: StepRecorder | None = None
+        self._reported_step = -1
+
+    # scheduler side --------------------------------------------------------------------
+    def attach_recorder(self, recorder: StepRecorder) -> None:
+        self._recorder = recorder
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        return 0, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        return None
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        return DedupConnectorMetadata()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._recorder is None or self._recorder.current.step == self._reported_step:
+            return None
+        self._reported_step = self._recorder.current.step
+        return DedupConnectorStats(data={"kvdedup": self._recorder.current.to_dict()})
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        return DedupConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return DedupPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    # worker side -----------------------------------------------------------------------
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        return None

@@ -1,0 +1,55 @@
+"""Request block hasher backed by ``dedup.hashing.block_hashes`` (vLLM 0.32).
+
+Extends: ``vllm.v1.core.kv_cache_utils.get_request_block_hasher`` (the function vLLM's
+``EngineCore`` builds and every ``Request`` calls as ``request._block_hasher`` whenever
+tokens are appended, see ``Request.update_block_hashes``).
+
+Same chaining semantics as vLLM: one hash per full block, block i's hash covers every
+token of blocks 0..i, so identical prefixes share and nothing else does. The per-request
+salt is vLLM's ``cache_salt`` (plus the LoRA name), so tenants never share a block.
+Requests with multimodal inputs keep vLLM's own hasher: their block keys include image
+hashes that token ids alone do not carry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dedup.hashing import block_hashes
+
+from .version import check_vllm_version
+
+check_vllm_version()
+
+
+def tenant_key(request) -> bytes:
+    """The namespace a request's blocks live in: cache_salt and LoRA adapter name."""
+    salt = request.cache_salt or ""
+    lora = request.lora_request.lora_name if request.lora_request is not None else ""
+    return f"{salt}\x00{lora}".encode() if (salt or lora) else b""
+
+
+def make_request_block_hasher(block_size: int) -> Callable:
+    """A drop-in for vLLM's request block hasher: returns the hashes of the request's
+    full blocks that are not in ``request.block_hashes`` yet."""
+
+    def request_block_hasher(request) -> list[bytes]:
+        start = len(request.block_hashes) * block_size
+        if start + block_size > request.num_tokens:
+            return []
+        parent = request.block_hashes[-1] if request.block_hashes else None
+        return block_hashes(request.all_token_ids[start:], block_size,
+                            salt=tenant_key(request), parent=parent)
+
+    return request_block_hasher
+
+
+def adopt_request(request, hasher: Callable) -> bool:
+    """Switch ``request`` to ``hasher`` and rehash it from scratch (before any lookup).
+    Returns False, leaving vLLM's hashes, for multimodal requests."""
+    if request.mm_features:
+        return False
+    request._block_hasher = hasher
+    request.block_hashes = []
+    request.block_hashes.extend(hasher(request))
+    return True

@@ -1,0 +1,146 @@
+"""Prefix-cache hits verified against tokens (vLLM 0.32).
+
+Extends ``vllm.v1.core.kv_cache_manager.KVCacheManager``:
+* ``get_computed_blocks``: vLLM returns the longest run of leading blocks whose chained
+  hashes are cached and trusts the hash. Here each returned block is checked against the
+  ``BlockLedger`` (tokens and tenant the block was filled with); the hit is cut at the
+  first block that differs, which is counted as a collision and recomputed.
+* ``allocate_slots``: right after vLLM registers a request's full-block hashes (its
+  ``coordinator.cache_blocks`` call at the end of the function, i.e. before the KV is
+  computed), the ledger records which tokens those blocks hold, so requests admitted in
+  the same step verify against them too.
+* ``record_prefix_cache_stats``: the hit a request is admitted with is counted in
+  kvdedup's counters at the same point vLLM counts its own, so unscheduled lookups are
+  not counted twice.
+* ``free``: forgets the request's ledger cursor (preemption and finish free blocks).
+
+Ownership: vLLM's BlockPool owns blocks and reference counts; this class never changes
+them, it only shortens a hit before ``allocate_slots`` touches the hit blocks.
+Only a single KV cache group (plain full-attention models) is supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+
+from dedup.ledger import BlockLedger
+
+from .hasher import tenant_key
+from .version import check_vllm_version
+
+check_vllm_version()
+
+
+@dataclass
+class PrefixCounters:
+    """Cumulative prefix-sharing counters (tokens for queries/hits, blocks otherwise)."""
+
+    prefix_queries: int = 0       # prompt tokens looked up at admission
+    prefix_hits: int = 0          # tokens admitted as verified hits
+    verified_hits: int = 0        # blocks whose tokens were checked equal and shared
+    collisions: int = 0           # blocks whose hash hit but tokens/tenant differed
+    lookup_requests: int = 0      # admissions that looked the cache up
+
+
+class VerifiedKVCacheManager(KVCacheManager):
+    """``KVCacheManager`` whose prefix hits are checked against a token ledger.
+
+    Installed by ``DedupScheduler`` on the manager vLLM's Scheduler built, through
+    ``install`` (class swap plus the extra state), so every upstream constructor
+    argument stays exactly as vLLM computed it.
+    """
+
+    ledger: BlockLedger
+    counters: PrefixCounters
+
+    @classmethod
+    def install(cls, manager: KVCacheManager) -> "VerifiedKVCacheManager":
+        if len(manager.kv_cache_config.kv_cache_groups) != 1:
+            raise ValueError("kvdedup prefix mode supports models with one KV cache group; "
+                             f"this model has {len(manager.kv_cache_config.kv_cache_groups)}")
+        manager.__class__ = cls
+        assert isinstance(manager, VerifiedKVCacheManager)
+        manager._init_dedup_state()
+        return manager
+
+    def _init_dedup_state(self) -> None:
+        self.block_size = self.coordinator.single_type_managers[0].block_size
+        self.ledger = BlockLedger(self.block_pool.num_gpu_blocks, self.block_size)
+        self.counters = PrefixCounters()
+        self.verify_hits = True
+        self._recorded: dict[str, int] = {}        # request id -> blocks recorded
+        self._pending: dict[str, tuple[int, int]] = {}  # request id -> (verified, rejected)
+
+    # -- lookup ------------------------------------------------------------------------
+    def get_computed_blocks(self, request):
+        blocks, num_tokens, boundary = super().get_computed_blocks(request)
+        hit = blocks.blocks[0] if blocks.blocks else ()
+        if not hit:
+            self._pending[request.request_id] = (0, 0)
+            return blocks, num_tokens, boundary
+        ids = [b.block_id for b in hit]
+        if not self.verify_hits:
+            self._pending[request.request_id] = (len(ids), 0)
+            return blocks, num_tokens, boundary
+        good = self.ledger.verify(ids, request.all_token_ids[: len(ids) * self.block_size],
+                                  tenant_key(request))
+        self._pending[request.request_id] = (good, int(good < len(ids)))
+        if good == len(ids):
+            return blocks, num_tokens, boundary
+        cut = KVCacheBlocks((list(hit[:good]),))
+        return cut, good * self.block_size, 0
+
+    def record_prefix_cache_stats(self, request, num_hits: int) -> None:
+        super().record_prefix_cache_stats(request, num_hits)
+        verified, rejected = self._pending.pop(request.request_id, (0, 0))
+        c = self.counters
+        c.lookup_requests += 1
+        c.prefix_queries += request.num_tokens
+        c.prefix_hits += num_hits
+        c.verified_hits += min(verified, num_hits // self.block_size)
+        c.collisions += rejected
+
+    # -- allocation --------------------------------------------------------------------
+    def allocate_slots(self, request, num_new_tokens: int, num_new_computed_tokens: int = 0,
+                       new_computed_blocks=None, num_lookahead_tokens: int = 0,
+                       num_external_computed_tokens: int = 0,
+                       delay_cache_blocks: bool = False, **kwargs):
+        before = request.num_computed_tokens
+        out = super().allocate_slots(
+            request, num_new_tokens, num_new_computed_tokens, new_computed_blocks,
+            num_lookahead_tokens, num_external_computed_tokens, delay_cache_blocks, **kwargs)
+        if out is None or delay_cache_blocks or not self.enable_caching:
+            return out
+        cached_upto = min(before + num_new_computed_tokens + num_external_computed_tokens
+                          + num_new_tokens, request.num_tokens) // self.block_size
+        done = self._recorded.get(request.request_id, 0)
+        if cached_upto > done:
+            ids = self.coordinator.single_type_managers[0].req_to_blocks[request.request_id]
+            B = self.block_size
+            self.ledger.record([b.block_id for b in ids[done:cached_upto]],
+                               request.all_token_ids[done * B: cached_upto * B],
+                               tenant_key(request))
+            self._recorded[request.request_id] = cached_upto
+        return out
+
+    def free(self, request) -> None:
+        self._recorded.pop(request.request_id, None)
+        self._pending.pop(request.request_id, None)
+        super().free(request)
+
+    # -- occupancy ---------------------------------------------------------------------
+    def num_request_blocks(self, request_id: str) -> int:
+        """Blocks in a request's block table (its logical KV footprint)."""
+        return len(self.coordinator.single_type_managers[0].req_to_blocks.get(request_id, ()))
+
+    def num_used_blocks(self) -> int:
+        """Physical blocks referenced by at least one request (cached free blocks excluded;
+        the pool's null block is not counted)."""
+        return self.block_pool.num_gpu_blocks - 1 - self.block_pool.get_num_free_blocks()
+
+    @property
+    def bytes_per_block(self) -> int:
+        cfg = self.kv_cache_config
+        return sum(t.size for t in cfg.kv_cache_tensors) // max(cfg.num_blocks, 1)

@@ -1,0 +1,175 @@
+"""Per-step dedup metrics and where they go (vLLM 0.32).
+
+One snapshot per engine step (``StepStats``), made by ``DedupScheduler`` in the engine
+core process, and published four ways:
+
+(a) log line and (b) Prometheus: the snapshot rides in ``SchedulerStats.kv_connector_stats``
+    through ``DedupConnector.get_kv_connector_stats`` (extends
+    ``KVConnectorBase_V1.get_kv_connector_stats``); vLLM's ``LoggingStatLogger`` prints it
+    ("KV Transfer metrics: ...") and its Prometheus logger feeds ``DedupPromMetrics``.
+(c) ``--dedup-trace PATH``: one JSON object per step, appended line-buffered.
+(d) ``StatsBoard``: a small file-backed array the engine core rewrites every step and
+    ``vllm_ext.dedup_stats(llm)`` reads, so offline stats work whether the engine core
+    runs in-process or in its own process.
+
+``DedupStatLogger`` is the ``vllm.stat_logger_plugins`` entry point: the server loads it
+for every engine; it stays silent unless kvdedup stats arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+logger = logging.getLogger("kvdedup")
+
+
+@dataclass
+class StepStats:
+    """Dedup state after one scheduler step (counters are cumulative since start)."""
+
+    step: int = 0
+    time: float = 0.0                # seconds since the engine started
+    num_running: int = 0
+    num_waiting: int = 0
+    logical_blocks: int = 0          # sum of running requests' block-table lengths
+    physical_blocks: int = 0         # distinct blocks referenced by any request
+    peak_physical_blocks: int = 0
+    peak_logical_blocks: int = 0
+    dedup_ratio: float = 1.0         # logical / physical (1.0 when nothing is held)
+    bytes_saved: int = 0             # (logical - physical) * bytes per block
+    prefix_queries: int = 0          # tokens looked up at admission
+    prefix_hits: int = 0             # tokens admitted as verified hits
+    verified_hits: int = 0           # blocks verified and shared
+    collisions: int = 0              # blocks whose hash hit but tokens differed
+    preemptions: int = 0
+    sequence_hits: int = 0           # runs reused at another offset (sequence mode)
+    sequence_tokens_reused: int = 0  # tokens whose KV was injected (sequence mode)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELDS = [f.name for f in fields(StepStats)]
+COUNTERS = ("prefix_queries", "prefix_hits", "verified_hits", "collisions", "preemptions",
+            "sequence_hits", "sequence_tokens_reused")
+
+
+class StatsBoard:
+    """A fixed-layout float64 array in a file: one writer (the engine core), any readers.
+
+    Each write stores every field of a ``StepStats`` then bumps a sequence number, so a
+    reader that sees the same sequence before and after its read got one whole snapshot.
+    """
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        self.path = path
+        n = len(FIELDS) + 1
+        if create:
+            np.zeros(n, dtype=np.float64).tofile(path)
+        self._arr = np.memmap(path, dtype=np.float64, mode="r+" if create else "r", shape=(n,))
+
+    def write(self, s: StepStats) -> None:
+        self._arr[1:] = [getattr(s, k) for k in FIELDS]
+        self._arr[0] += 1
+
+    def read(self) -> dict:
+        for _ in range(100):
+            seq = float(self._arr[0])
+            vals = self._arr[1:].tolist()
+            if float(self._arr[0]) == seq:
+                break
+        out = dict(zip(FIELDS, vals))
+        for k, v in out.items():
+            if k not in ("time", "dedup_ratio"):
+                out[k] = int(v)
+        return out
+
+
+class TraceWriter:
+    """Appends one JSON line per step to ``path`` (line-buffered: nothing lost on a crash)."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._f = open(path, "a", buffering=1, encoding="utf-8")
+
+    def write(self, s: StepStats) -> None:
+        self._f.write(json.dumps(s.to_dict(), separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class StepRecorder:
+    """Builds the step snapshot and hands it to the board, trace and connector."""
+
+    def __init__(self, board_path: str | None, trace_path: str | None) -> None:
+        self.t0 = time.monotonic()
+        self.current = StepStats()
+        self.board = StatsBoard(board_path, create=True) if board_path else None
+        self.trace = TraceWriter(trace_path) if trace_path else None
+
+    def record(self, s: StepStats) -> None:
+        prev = self.current
+        s.time = round(time.monotonic() - self.t0, 6)
+        s.peak_physical_blocks = max(prev.peak_physical_blocks, s.physical_blocks)
+        s.peak_logical_blocks = max(prev.peak_logical_blocks, s.logical_blocks)
+        self.current = s
+        if self.board is not None:
+            self.board.write(s)
+        if self.trace is not None:
+            self.trace.write(s)
+
+    def close(self) -> None:
+        if self.trace is not None:
+            self.trace.close()
+
+
+def read_board(path: str) -> dict:
+    return StatsBoard(path).read()
+
+
+# ---------------------------------------------------------------- stat logger plugin
+def _stat_logger_base():
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    return StatLoggerBase
+
+
+class DedupStatLogger(_stat_logger_base()):
+    """``vllm.stat_logger_plugins`` entry point (extends vLLM 0.32's ``StatLoggerBase``).
+
+    Keeps the latest kvdedup snapshot seen in ``SchedulerStats.kv_connector_stats`` and
+    logs a one-line dedup summary at vLLM's logging interval. Inert for stock engines.
+    """
+
+    def __init__(self, vllm_config, engine_index: int = 0) -> None:
+        self.engine_index = engine_index
+        self.latest: dict | None = None
+        self._logged_step = -1
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+        data = getattr(scheduler_stats, "kv_connector_stats", None) or {}
+        snap = data.get("kvdedup")
+        if snap:
+            self.latest = snap
+
+    def log(self) -> None:
+        s = self.latest
+        if not s or s["step"] == self._logged_step:
+            return
+        self._logged_step = s["step"]
+        hit = s["prefix_hits"] / s["prefix_queries"] if s["prefix_queries"] else 0.0
+        logger.info("kvdedup engine %d: blocks logical=%d physical=%d ratio=%.2f "
+                    "saved=%.1f MiB prefix hit=%.1f%% verified=%d collisions=%d "
+                    "sequence hits=%d", self.engine_index, s["logical_blocks"],
+                    s["physical_blocks"], s["dedup_ratio"], s["bytes_saved"] / 2**20,
+                    100 * hit, s["verified_hits"], s["collisions"], s["sequence_hits"])
+
+    def log_engine_initialized(self) -> None:
+        pass

@@ -1,0 +1,97 @@
+"""kvdedup's scheduler: verified, salted prefix sharing plus per-step dedup metrics (vLLM 0.32).
+
+Extends ``vllm.v1.core.sched.scheduler.Scheduler`` (load it with ``--scheduler-cls
+vllm_ext.scheduler.DedupScheduler`` or ``LLM(scheduler_cls=...)``):
+
+* ``__init__``: turns the ``KVCacheManager`` vLLM built into a ``VerifiedKVCacheManager``
+  (hits checked against a token ledger) and opens the metrics outputs.
+* ``add_request``: rehashes the request with ``dedup.hashing.block_hashes`` (salted by
+  ``cache_salt``) before vLLM's ``add_request`` queues it, so every prefix lookup and
+  every registered block uses kvdedup's hashes.
+* ``schedule``: after vLLM's own step, records a ``StepStats`` snapshot.
+* ``_preempt_request``: counts preemptions.
+
+Settings come from ``kv_transfer_config.kv_connector_extra_config`` (set by
+``vllm_ext.launch``): ``mode`` ("prefix", "sequence" or "observe": metrics only, vLLM's
+hashes and unverified hits, for measuring stock behaviour), ``trace`` (JSONL path) and
+``board`` (stats board path for ``dedup_stats``).
+"""
+
+from __future__ import annotations
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from .hasher import adopt_request, make_request_block_hasher
+from .kv_manager import VerifiedKVCacheManager
+from .metrics import StepRecorder, StepStats
+from .version import check_vllm_version
+
+check_vllm_version()
+
+MODES = ("prefix", "sequence", "observe")
+
+
+def dedup_settings(vllm_config) -> dict:
+    ktc = vllm_config.kv_transfer_config
+    extra = dict(ktc.kv_connector_extra_config or {}) if ktc is not None else {}
+    mode = extra.get("mode", "prefix")
+    if mode not in MODES:
+        raise ValueError(f"unknown kvdedup mode {mode!r}; choose one of {', '.join(MODES)}")
+    extra["mode"] = mode
+    return extra
+
+
+class DedupScheduler(Scheduler):
+    """vLLM's scheduler with content-verified prefix sharing and dedup metrics."""
+
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        settings = dedup_settings(vllm_config)
+        self.dedup_mode = settings["mode"]
+        self.verify_hits = self.dedup_mode != "observe"
+        if self.verify_hits and not self.cache_config.enable_prefix_caching:
+            raise ValueError(f"kvdedup {self.dedup_mode} mode needs prefix caching on "
+                             "(--enable-prefix-caching)")
+        self.kv_cache_manager = VerifiedKVCacheManager.install(self.kv_cache_manager)
+        self.kv_cache_manager.verify_hits = self.verify_hits
+        self._dedup_hasher = make_request_block_hasher(self.hash_block_size)
+        self._bytes_per_block = self.kv_cache_manager.bytes_per_block
+        self._step = 0
+        self._preemptions = 0
+        self.recorder = StepRecorder(settings.get("board"), settings.get("trace"))
+        if self.connector is not None and hasattr(self.connector, "attach_recorder"):
+            self.connector.attach_recorder(self.recorder)
+
+    def add_request(self, request) -> None:
+        if self.verify_hits and request.request_id not in self.requests:
+            adopt_request(request, self._dedup_hasher)
+        super().add_request(request)
+
+    def _preempt_request(self, request, *args, **kwargs) -> None:
+        self._preemptions += 1
+        super()._preempt_request(request, *args, **kwargs)
+
+    def schedule(self, *args, **kwargs):
+        out = super().schedule(*args, **kwargs)
+        self._step += 1
+        self.recorder.record(self._snapshot())
+        return out
+
+    def _snapshot(self) -> StepStats:
+        mgr = self.kv_cache_manager
+        logical = sum(mgr.num_request_blocks(r.request_id) for r in self.running)
+        physical = mgr.num_used_blocks()
+        c = mgr.counters
+        num_running, num_waiting = self.get_request_counts()
+        return StepStats(
+            step=self._step, num_running=num_running, num_waiting=num_waiting,
+            logical_blocks=logical, physical_blocks=physical,
+            dedup_ratio=round(logical / physical, 4) if physical else 1.0,
+            bytes_saved=max(logical - physical, 0) * self._bytes_per_block,
+            prefix_queries=c.prefix_queries, prefix_hits=c.prefix_hits,
+            verified_hits=c.verified_hits, collisions=c.collisions,
+            preemptions=self._preemptions)
+
+    def shutdown(self) -> None:
+        self.recorder.close()
+        super().shutdown()
