@@ -5,7 +5,7 @@ Public API (imported lazily so ``import vllm_ext`` stays cheap):
 ``engine_kwargs(dedup, ...)``; ``resolve_model(name)``.
 """
 
-_EXPORTS = {"LLM": "launch", "dedup_stats": "launch", "engine_kwargs": "launch",
+_EXPORTS = {"LLM": "launch", "dedup_stats": "launch", "shutdown": "launch", "engine_kwargs": "launch",
             "DEDUP_MODES": "launch", "resolve_model": "models", "ensure_model": "models"}
 
 __all__ = list(_EXPORTS)

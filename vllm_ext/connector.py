@@ -5,10 +5,9 @@ Load it out of tree with ``--kv-transfer-config '{"kv_connector": "DedupConnecto
 "kv_connector_extra_config": {"mode": "prefix"}}'`` (``vllm_ext.launch`` builds this).
 
 In ``prefix`` mode it moves no KV: sharing happens inside vLLM's block pool, verified by
-``DedupScheduler``. The connector is the documented route for engine-side numbers to
-reach vLLM's loggers: ``get_kv_connector_stats`` (extends
-``KVConnectorBase_V1.get_kv_connector_stats``) hands the scheduler's latest
-``StepStats`` to ``SchedulerStats.kv_connector_stats``; ``build_kv_connector_stats`` and
+``DedupScheduler``, which also puts each step's ``StepStats`` in
+``SchedulerStats.kv_connector_stats["kvdedup"]``. The connector class is how vLLM's loggers
+read that dict: ``build_kv_connector_stats`` and
 ``build_prom_metrics`` (extend the classmethods of the same names) turn it into the log
 line and the ``kvdedup_*`` Prometheus series on ``/metrics``. In the default multi-process
 engine this object exists once per process role (scheduler side, worker side); per-step
@@ -29,7 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorStats,
 )
 
-from .metrics import COUNTERS, StepRecorder
+from .metrics import COUNTERS
 from .version import check_vllm_version
 
 check_vllm_version()
@@ -103,13 +102,8 @@ class DedupConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config, role, kv_cache_config=None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        self._recorder: StepRecorder | None = None
-        self._reported_step = -1
 
     # scheduler side --------------------------------------------------------------------
-    def attach_recorder(self, recorder: StepRecorder) -> None:
-        self._recorder = recorder
-
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         return 0, False
 
@@ -118,12 +112,6 @@ class DedupConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         return DedupConnectorMetadata()
-
-    def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        if self._recorder is None or self._recorder.current.step == self._reported_step:
-            return None
-        self._reported_step = self._recorder.current.step
-        return DedupConnectorStats(data={"kvdedup": self._recorder.current.to_dict()})
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):

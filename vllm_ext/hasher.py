@@ -29,17 +29,23 @@ def tenant_key(request) -> bytes:
     return f"{salt}\x00{lora}".encode() if (salt or lora) else b""
 
 
-def make_request_block_hasher(block_size: int) -> Callable:
+def make_request_block_hasher(block_size: int, ignore_tokens: bool = False) -> Callable:
     """A drop-in for vLLM's request block hasher: returns the hashes of the request's
-    full blocks that are not in ``request.block_hashes`` yet."""
+    full blocks that are not in ``request.block_hashes`` yet.
+
+    ``ignore_tokens`` is for tests only: every token is hashed as 0, so any two prompts
+    of the same length collide block for block and only verification keeps them apart.
+    """
 
     def request_block_hasher(request) -> list[bytes]:
         start = len(request.block_hashes) * block_size
         if start + block_size > request.num_tokens:
             return []
         parent = request.block_hashes[-1] if request.block_hashes else None
-        return block_hashes(request.all_token_ids[start:], block_size,
-                            salt=tenant_key(request), parent=parent)
+        tokens = request.all_token_ids[start:]
+        if ignore_tokens:
+            tokens = [0] * len(tokens)
+        return block_hashes(tokens, block_size, salt=tenant_key(request), parent=parent)
 
     return request_block_hasher
 

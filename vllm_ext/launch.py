@@ -58,8 +58,9 @@ def check_mode(dedup: str) -> str:
     return dedup
 
 
-def connector_config(dedup: str, trace: str | None = None, board: str | None = None) -> dict:
-    extra: dict[str, Any] = {"mode": dedup}
+def connector_config(dedup: str, trace: str | None = None, board: str | None = None,
+                     options: dict | None = None) -> dict:
+    extra: dict[str, Any] = {**(options or {}), "mode": dedup}
     if trace:
         extra["trace"] = os.path.abspath(trace)
     if board:
@@ -68,7 +69,7 @@ def connector_config(dedup: str, trace: str | None = None, board: str | None = N
 
 
 def engine_kwargs(dedup: str = "prefix", trace: str | None = None, board: str | None = None,
-                  **user: Any) -> dict[str, Any]:
+                  dedup_options: dict | None = None, **user: Any) -> dict[str, Any]:
     """vLLM engine arguments for ``dedup`` mode; ``user`` arguments win over defaults."""
     check_mode(dedup)
     kw: dict[str, Any] = cpu_defaults() if on_cpu() else {}
@@ -87,7 +88,8 @@ def engine_kwargs(dedup: str = "prefix", trace: str | None = None, board: str | 
         # its cheapest hash keeps that cost small (those hashes are discarded).
         kw.setdefault("prefix_caching_hash_algo", "xxhash")
     kw["scheduler_cls"] = SCHEDULER_CLS
-    kw["kv_transfer_config"] = _kv_transfer_config(connector_config(dedup, trace, board))
+    kw["kv_transfer_config"] = _kv_transfer_config(
+        connector_config(dedup, trace, board, dedup_options))
     return kw
 
 
@@ -97,9 +99,11 @@ def _kv_transfer_config(cfg: dict):
     return KVTransferConfig(**cfg)
 
 
-def LLM(model: str, dedup: str = "prefix", trace: str | None = None, **kwargs: Any):
+def LLM(model: str, dedup: str = "prefix", trace: str | None = None,
+        dedup_options: dict | None = None, **kwargs: Any):
     """A ``vllm.LLM`` with kvdedup in ``dedup`` mode (``model``: built-in name, HF dir or
-    hub id). Read its dedup counters with ``vllm_ext.dedup_stats(llm)``."""
+    hub id). Read its dedup counters with ``vllm_ext.dedup_stats(llm)``. ``dedup_options``
+    go to the scheduler (see ``vllm_ext.scheduler``)."""
     check_mode(dedup)
     if on_cpu():
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -109,7 +113,7 @@ def LLM(model: str, dedup: str = "prefix", trace: str | None = None, **kwargs: A
         os.close(fd)
     import vllm
 
-    llm = vllm.LLM(model=resolve_model(model), **engine_kwargs(dedup, trace, board, **kwargs))
+    llm = vllm.LLM(model=resolve_model(model), **engine_kwargs(dedup, trace, board, dedup_options, **kwargs))
     llm.kvdedup_board = board
     return llm
 
@@ -126,3 +130,17 @@ def dedup_stats(llm) -> dict[str, Any]:
     q = stats["prefix_queries"]
     stats["hit_rate"] = stats["prefix_hits"] / q if q else 0.0
     return stats
+
+
+def shutdown(llm) -> None:
+    """Stop an engine built by ``LLM`` now (its engine-core process and workers) and remove
+    its stats board, instead of waiting for garbage collection."""
+    import gc
+
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+    board = getattr(llm, "kvdedup_board", None)
+    if board and os.path.exists(board):
+        os.remove(board)
+    gc.collect()

@@ -3,10 +3,10 @@
 One snapshot per engine step (``StepStats``), made by ``DedupScheduler`` in the engine
 core process, and published four ways:
 
-(a) log line and (b) Prometheus: the snapshot rides in ``SchedulerStats.kv_connector_stats``
-    through ``DedupConnector.get_kv_connector_stats`` (extends
-    ``KVConnectorBase_V1.get_kv_connector_stats``); vLLM's ``LoggingStatLogger`` prints it
-    ("KV Transfer metrics: ...") and its Prometheus logger feeds ``DedupPromMetrics``.
+(a) log line and (b) Prometheus: ``DedupScheduler.update_from_output`` puts the snapshot in
+    the step's ``SchedulerStats.kv_connector_stats["kvdedup"]``; vLLM's ``LoggingStatLogger``
+    prints it ("KV Transfer metrics: ...") through ``DedupConnector.build_kv_connector_stats``
+    and its Prometheus logger feeds ``DedupPromMetrics``.
 (c) ``--dedup-trace PATH``: one JSON object per step, appended line-buffered.
 (d) ``StatsBoard``: a small file-backed array the engine core rewrites every step and
     ``vllm_ext.dedup_stats(llm)`` reads, so offline stats work whether the engine core
@@ -114,11 +114,13 @@ class StepRecorder:
         self.board = StatsBoard(board_path, create=True) if board_path else None
         self.trace = TraceWriter(trace_path) if trace_path else None
 
-    def record(self, s: StepStats) -> None:
+    def record(self, s: StepStats, step_logical: int = 0, step_physical: int = 0) -> None:
+        """Publish ``s``; peaks also take the occupancy seen mid-step (after allocation,
+        before the step's finished requests freed their blocks)."""
         prev = self.current
         s.time = round(time.monotonic() - self.t0, 6)
-        s.peak_physical_blocks = max(prev.peak_physical_blocks, s.physical_blocks)
-        s.peak_logical_blocks = max(prev.peak_logical_blocks, s.logical_blocks)
+        s.peak_physical_blocks = max(prev.peak_physical_blocks, s.physical_blocks, step_physical)
+        s.peak_logical_blocks = max(prev.peak_logical_blocks, s.logical_blocks, step_logical)
         self.current = s
         if self.board is not None:
             self.board.write(s)

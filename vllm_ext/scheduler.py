@@ -8,13 +8,18 @@ vllm_ext.scheduler.DedupScheduler`` or ``LLM(scheduler_cls=...)``):
 * ``add_request``: rehashes the request with ``dedup.hashing.block_hashes`` (salted by
   ``cache_salt``) before vLLM's ``add_request`` queues it, so every prefix lookup and
   every registered block uses kvdedup's hashes.
-* ``schedule``: after vLLM's own step, records a ``StepStats`` snapshot.
+* ``schedule``: after vLLM allocates the step's blocks, notes peak occupancy.
+* ``update_from_output``: after the step's finished requests free their blocks, records
+  the step's ``StepStats`` and attaches it to the step's ``SchedulerStats`` as
+  ``kv_connector_stats["kvdedup"]`` (read by vLLM's loggers through ``DedupConnector``).
 * ``_preempt_request``: counts preemptions.
 
 Settings come from ``kv_transfer_config.kv_connector_extra_config`` (set by
 ``vllm_ext.launch``): ``mode`` ("prefix", "sequence" or "observe": metrics only, vLLM's
 hashes and unverified hits, for measuring stock behaviour), ``trace`` (JSONL path) and
-``board`` (stats board path for ``dedup_stats``).
+``board`` (stats board path for ``dedup_stats``), and, for tests only,
+``debug_collide_hashes`` (hashes ignore token values, so every same-length prefix collides
+and only token verification keeps requests apart).
 """
 
 from __future__ import annotations
@@ -54,13 +59,13 @@ class DedupScheduler(Scheduler):
                              "(--enable-prefix-caching)")
         self.kv_cache_manager = VerifiedKVCacheManager.install(self.kv_cache_manager)
         self.kv_cache_manager.verify_hits = self.verify_hits
-        self._dedup_hasher = make_request_block_hasher(self.hash_block_size)
+        self._dedup_hasher = make_request_block_hasher(
+            self.hash_block_size, ignore_tokens=bool(settings.get("debug_collide_hashes")))
         self._bytes_per_block = self.kv_cache_manager.bytes_per_block
         self._step = 0
         self._preemptions = 0
         self.recorder = StepRecorder(settings.get("board"), settings.get("trace"))
-        if self.connector is not None and hasattr(self.connector, "attach_recorder"):
-            self.connector.attach_recorder(self.recorder)
+        self._peak = (0, 0)  # (logical, physical) right after allocation, this step
 
     def add_request(self, request) -> None:
         if self.verify_hits and request.request_id not in self.requests:
@@ -74,13 +79,28 @@ class DedupScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         out = super().schedule(*args, **kwargs)
         self._step += 1
-        self.recorder.record(self._snapshot())
+        self._peak = self._occupancy()
         return out
+
+    def update_from_output(self, *args, **kwargs):
+        outputs = super().update_from_output(*args, **kwargs)
+        snap = self._snapshot()
+        self.recorder.record(snap, *self._peak)
+        for eco in outputs.values():
+            stats = getattr(eco, "scheduler_stats", None)
+            if stats is not None:
+                stats.kv_connector_stats = {**(stats.kv_connector_stats or {}),
+                                            "kvdedup": self.recorder.current.to_dict()}
+        return outputs
+
+    def _occupancy(self) -> tuple[int, int]:
+        mgr = self.kv_cache_manager
+        logical = sum(mgr.num_request_blocks(r.request_id) for r in self.running)
+        return logical, mgr.num_used_blocks()
 
     def _snapshot(self) -> StepStats:
         mgr = self.kv_cache_manager
-        logical = sum(mgr.num_request_blocks(r.request_id) for r in self.running)
-        physical = mgr.num_used_blocks()
+        logical, physical = self._occupancy()
         c = mgr.counters
         num_running, num_waiting = self.get_request_counts()
         return StepStats(
