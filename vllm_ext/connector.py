@@ -77,6 +77,9 @@ class DedupPromMetrics(KVConnectorPromMetrics):
         self._counters = {k: self._counter_cls(f"kvdedup_{k}", f"kvdedup {k} (cumulative)",
                                                labelnames=labelnames) for k in COUNTERS}
         self._last: dict[int, dict[str, int]] = {}
+        for labels in per_engine_labelvalues.values():  # every series exists from the start
+            for metric in (*self._gauges.values(), *self._counters.values()):
+                metric.labels(*labels)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         s = transfer_stats_data.get("kvdedup")

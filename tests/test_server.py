@@ -1,0 +1,120 @@
+"""``kvdedup serve`` on loopback: concurrent completions, /metrics, bad input, clean stop."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metric(text: str, name: str) -> float:
+    vals = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} ([0-9.e+-]+)$", text, re.M)]
+    assert vals, f"{name} not in /metrics"
+    return sum(vals)
+
+
+@pytest.fixture(scope="module")
+def server(engines, tmp_path_factory):
+    import requests
+
+    engines.close()  # one engine at a time on this machine
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    trace = log.with_name("trace.jsonl")
+    cmd = [sys.executable, "-m", "vllm_ext.cli", "serve", "tiny", "--dedup", "prefix",
+           "--dedup-trace", str(trace), "--port", str(port), "--max-model-len", "512",
+           "--num-gpu-blocks-override", "64", "--enforce-eager"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+    yield base, proc, trace
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_concurrent_completions_share_and_metrics_return_to_zero(server):
+    import openai
+    import requests
+
+    base, proc, trace = server
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+    model = client.models.list().data[0].id
+    rng = np.random.default_rng(7)
+    shared = rng.integers(3, 2000, size=128).tolist()
+    prompts = [shared + rng.integers(3, 2000, size=10).tolist() for _ in range(6)]
+
+    def complete(p):
+        return client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0)
+
+    client.completions.create(model=model, prompt=prompts[0], max_tokens=2, temperature=0)
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(complete, prompts))
+    assert all(o.choices[0].text is not None for o in outs)
+    time.sleep(1.0)
+    text = requests.get(base + "/metrics", timeout=10).text
+    assert _metric(text, "kvdedup_prefix_hits_total") >= 6 * 128
+    assert _metric(text, "kvdedup_verified_hits_total") >= 6 * 4
+    assert _metric(text, "kvdedup_collisions_total") == 0
+    assert _metric(text, "kvdedup_physical_blocks") == 0, "blocks still held after the load"
+    lines = trace.read_text().splitlines()
+    assert len(lines) > 3 and '"prefix_hits"' in lines[-1]
+
+
+@pytest.mark.parametrize("prompt", [[], [5] * 600])
+def test_bad_request_gets_clear_error_and_server_keeps_serving(server, prompt):
+    import openai
+
+    base, proc, _ = server
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt=prompt, max_tokens=4)
+    msg = str(err.value).lower()
+    assert ("at least one prompt" in msg) if not prompt else ("maximum" in msg or "max" in msg)
+    ok = client.completions.create(model=model, prompt=[11, 12, 13], max_tokens=4)
+    assert ok.usage.completion_tokens == 4
+    assert proc.poll() is None
+
+
+def test_unknown_dedup_value_exits_with_clear_error():
+    r = subprocess.run([sys.executable, "-m", "vllm_ext.cli", "serve", "tiny", "--dedup", "nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
+
+
+def test_server_stops_cleanly(server):
+    _, proc, _ = server
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) is not None
