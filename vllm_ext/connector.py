@@ -22,6 +22,7 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
+    KVConnectorRole,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
@@ -96,15 +97,33 @@ class DedupPromMetrics(KVConnectorPromMetrics):
             last[k] = s[k]
 
 
+@dataclass
 class DedupConnectorMetadata(KVConnectorMetadata):
-    """Per-step plan sent from scheduler to workers (empty in prefix mode)."""
+    """Per-step commands from the scheduler to the worker's KV store (sequence mode;
+    empty in prefix mode): chunks to evict, KV to inject (slots and stored pieces
+    ``(digest, offset, length, position delta)``), chunks to capture (digest, slots)."""
+
+    evicts: list = field(default_factory=list)
+    injects: list = field(default_factory=list)
+    captures: list = field(default_factory=list)
 
 
 class DedupConnector(KVConnectorBase_V1):
-    """No-transfer connector carrying kvdedup's metrics (prefix mode)."""
+    """Carries kvdedup's metrics; in sequence mode, its worker side runs the KV store."""
 
     def __init__(self, vllm_config, role, kv_cache_config=None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+        self._sequence = extra.get("mode") == "sequence"
+        self._store = None
+        self._pending: DedupConnectorMetadata | None = None
+        if self._sequence and role == KVConnectorRole.WORKER:
+            from .kv_store import WorkerKVStore
+            from .rope import RotaryParams
+
+            self._store = WorkerKVStore(RotaryParams.from_hf_config(
+                vllm_config.model_config.hf_config))
+            self._vllm_config = vllm_config
 
     # scheduler side --------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
@@ -114,6 +133,7 @@ class DedupConnector(KVConnectorBase_V1):
         return None
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        """Empty here; ``DedupScheduler`` fills in the step's sequence commands."""
         return DedupConnectorMetadata()
 
     @classmethod
@@ -125,8 +145,15 @@ class DedupConnector(KVConnectorBase_V1):
         return DedupPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # worker side -----------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches) -> None:
+        if self._store is not None:
+            self._store.install(self._vllm_config.compilation_config.static_forward_context)
+
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
-        return None
+        if self._store is None:
+            return
+        meta = self._get_connector_metadata()
+        self._store.begin_step(meta.evicts, meta.injects, meta.captures)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
@@ -135,4 +162,5 @@ class DedupConnector(KVConnectorBase_V1):
         return None
 
     def wait_for_save(self) -> None:
-        return None
+        if self._store is not None:
+            self._store.end_step()

@@ -13,6 +13,8 @@ Extends ``vllm.v1.core.kv_cache_manager.KVCacheManager``:
   kvdedup's counters at the same point vLLM counts its own, so unscheduled lookups are
   not counted twice.
 * ``free``: forgets the request's ledger cursor (preemption and finish free blocks).
+* sequence mode: ``cache_limit(request_id)`` caps which tokens may be registered in the
+  prefix cache (vLLM's own caching is deferred and redone up to the cap).
 
 Ownership: vLLM's BlockPool owns blocks and reference counts; this class never changes
 them, it only shortens a hit before ``allocate_slots`` touches the hit blocks.
@@ -70,6 +72,7 @@ class VerifiedKVCacheManager(KVCacheManager):
         self.ledger = BlockLedger(self.block_pool.num_gpu_blocks, self.block_size)
         self.counters = PrefixCounters()
         self.verify_hits = True
+        self.cache_limit = None  # request_id -> exact token limit or None (sequence mode)
         self._recorded: dict[str, int] = {}        # request id -> blocks recorded
         self._pending: dict[str, tuple[int, int]] = {}  # request id -> (verified, rejected)
 
@@ -108,13 +111,21 @@ class VerifiedKVCacheManager(KVCacheManager):
                        num_external_computed_tokens: int = 0,
                        delay_cache_blocks: bool = False, **kwargs):
         before = request.num_computed_tokens
+        limit = self.cache_limit(request.request_id) if self.cache_limit else None
+        capped = limit is not None and not delay_cache_blocks and self.enable_caching
         out = super().allocate_slots(
             request, num_new_tokens, num_new_computed_tokens, new_computed_blocks,
-            num_lookahead_tokens, num_external_computed_tokens, delay_cache_blocks, **kwargs)
+            num_lookahead_tokens, num_external_computed_tokens,
+            delay_cache_blocks or capped, **kwargs)
         if out is None or delay_cache_blocks or not self.enable_caching:
             return out
-        cached_upto = min(before + num_new_computed_tokens + num_external_computed_tokens
-                          + num_new_tokens, request.num_tokens) // self.block_size
+        upto = min(before + num_new_computed_tokens + num_external_computed_tokens
+                   + num_new_tokens, request.num_tokens)
+        if capped:
+            # Injected KV and everything after it stay out of the exact prefix cache.
+            upto = min(upto, limit)
+            self.coordinator.cache_blocks(request, upto)
+        cached_upto = upto // self.block_size
         done = self._recorded.get(request.request_id, 0)
         if cached_upto > done:
             ids = self.coordinator.single_type_managers[0].req_to_blocks[request.request_id]

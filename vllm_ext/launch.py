@@ -8,7 +8,9 @@ arguments; ``LLM`` (offline) and ``kvdedup serve`` (``vllm_ext.cli``) both use i
   scheduler subclass reading block tables after every step, so stock arms report the same
   metrics as dedup arms.
 * ``prefix``: exact sharing with kvdedup hashes, salted per tenant, verified hits.
-* ``sequence``: position-independent reuse (not implemented yet: refused clearly).
+* ``sequence``: ``prefix`` plus reuse of token runs stored from other requests at other
+  offsets (approximate: keys re-rotated, first ``k`` tokens of each run recomputed).
+  ``dedup_options``: ``k`` (default 32), ``store_bytes`` (default 1 GiB), ``min_inject``.
 
 The plain-vLLM equivalent of ``LLM(model, dedup="prefix")`` is::
 
@@ -52,9 +54,6 @@ def cpu_defaults() -> dict[str, Any]:
 def check_mode(dedup: str) -> str:
     if dedup not in DEDUP_MODES:
         raise ValueError(f"unknown dedup mode {dedup!r}; choose one of {', '.join(DEDUP_MODES)}")
-    if dedup == "sequence":
-        raise ValueError("dedup mode 'sequence' is not implemented yet in this version of "
-                         "kvdedup; use 'prefix' (exact sharing) or 'off'")
     return dedup
 
 
@@ -79,11 +78,11 @@ def engine_kwargs(dedup: str = "prefix", trace: str | None = None, board: str | 
             raise ValueError("--dedup-trace needs kvdedup's scheduler; use dedup 'observe' "
                              "to trace stock vLLM behaviour")
         return kw
-    if dedup == "prefix":
-        if kw.get("enable_prefix_caching") is False:
+    if dedup in ("prefix", "sequence"):
+        if dedup == "prefix" and kw.get("enable_prefix_caching") is False:
             raise ValueError("dedup 'prefix' shares blocks through the prefix cache; "
                              "do not pass enable_prefix_caching=False")
-        kw["enable_prefix_caching"] = True
+        kw.setdefault("enable_prefix_caching", True)
         # vLLM still hashes each request once at arrival before kvdedup rehashes it;
         # its cheapest hash keeps that cost small (those hashes are discarded).
         kw.setdefault("prefix_caching_hash_algo", "xxhash")

@@ -12,7 +12,13 @@ vllm_ext.scheduler.DedupScheduler`` or ``LLM(scheduler_cls=...)``):
 * ``update_from_output``: after the step's finished requests free their blocks, records
   the step's ``StepStats`` and attaches it to the step's ``SchedulerStats`` as
   ``kv_connector_stats["kvdedup"]`` (read by vLLM's loggers through ``DedupConnector``).
-* ``_preempt_request``: counts preemptions.
+* ``_preempt_request``: counts preemptions (sequence mode: cancels the request's plan).
+* ``_free_request``: sequence mode forgets the request's plan.
+* ``_mamba_block_aligned_split`` (vLLM's per-request prefill-chunk clip, used upstream
+  for Mamba state alignment): sequence mode turns it on for attention-only models and
+  clips a prefill at the request's next injection stop; before each step, a request
+  standing at a stop jumps over the injected run (``SequenceState.jump``), and the
+  step's capture/inject/evict commands go to the worker in the connector metadata.
 
 Settings come from ``kv_transfer_config.kv_connector_extra_config`` (set by
 ``vllm_ext.launch``): ``mode`` ("prefix", "sequence" or "observe": metrics only, vLLM's
@@ -29,6 +35,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from .hasher import adopt_request, make_request_block_hasher
 from .kv_manager import VerifiedKVCacheManager
 from .metrics import StepRecorder, StepStats
+from .sequence import SequenceState
 from .version import check_vllm_version
 
 check_vllm_version()
@@ -54,7 +61,7 @@ class DedupScheduler(Scheduler):
         settings = dedup_settings(vllm_config)
         self.dedup_mode = settings["mode"]
         self.verify_hits = self.dedup_mode != "observe"
-        if self.verify_hits and not self.cache_config.enable_prefix_caching:
+        if self.dedup_mode == "prefix" and not self.cache_config.enable_prefix_caching:
             raise ValueError(f"kvdedup {self.dedup_mode} mode needs prefix caching on "
                              "(--enable-prefix-caching)")
         self.kv_cache_manager = VerifiedKVCacheManager.install(self.kv_cache_manager)
@@ -66,6 +73,20 @@ class DedupScheduler(Scheduler):
         self._preemptions = 0
         self.recorder = StepRecorder(settings.get("board"), settings.get("trace"))
         self._peak = (0, 0)  # (logical, physical) right after allocation, this step
+        self.sequence: SequenceState | None = None
+        if self.dedup_mode == "sequence":
+            if self.connector is None:
+                raise ValueError("kvdedup sequence mode needs the DedupConnector "
+                                 "(build the engine with vllm_ext.launch)")
+            if self.has_mamba_layers:
+                raise ValueError("kvdedup sequence mode supports attention-only models")
+            self.sequence = SequenceState(
+                block_size=self.block_size,
+                bytes_per_token=self._bytes_per_block // self.block_size,
+                store_bytes=int(settings.get("store_bytes", 1 << 30)),
+                k=int(settings.get("k", 32)), min_inject=int(settings.get("min_inject", 32)))
+            self.need_mamba_block_aligned_split = True
+            self.kv_cache_manager.cache_limit = self.sequence.exact_limit
 
     def add_request(self, request) -> None:
         if self.verify_hits and request.request_id not in self.requests:
@@ -74,12 +95,48 @@ class DedupScheduler(Scheduler):
 
     def _preempt_request(self, request, *args, **kwargs) -> None:
         self._preemptions += 1
+        if self.sequence is not None:
+            self.sequence.cancel(request.request_id)
         super()._preempt_request(request, *args, **kwargs)
 
+    def _free_request(self, request, *args, **kwargs):
+        if self.sequence is not None:
+            self.sequence.finish(request.request_id)
+        return super()._free_request(request, *args, **kwargs)
+
+    def _mamba_block_aligned_split(self, request, num_new_tokens: int,
+                                   num_new_local_computed_tokens: int = 0,
+                                   num_external_computed_tokens: int = 0) -> int:
+        if self.has_mamba_layers or self.sequence is None:
+            return super()._mamba_block_aligned_split(
+                request, num_new_tokens, num_new_local_computed_tokens,
+                num_external_computed_tokens)
+        start = (request.num_computed_tokens + num_new_local_computed_tokens
+                 + num_external_computed_tokens)
+        if start >= request.num_prompt_tokens:
+            return num_new_tokens
+        return self.sequence.clip(request, start, num_new_tokens)
+
     def schedule(self, *args, **kwargs):
+        seq = self.sequence
+        if seq is not None:
+            for request in self.running:
+                seq.jump(request)
         out = super().schedule(*args, **kwargs)
         self._step += 1
         self._peak = self._occupancy()
+        if seq is not None:
+            mgr = self.kv_cache_manager
+            for rid, n in out.num_scheduled_tokens.items():
+                seq.after_schedule(self.requests[rid], n, mgr.get_block_ids(rid)[0])
+            cmds = seq.take_commands()
+            meta = out.kv_connector_metadata
+            if not cmds.empty() and meta is not None:
+                meta.evicts, meta.injects, meta.captures = cmds.evicts, cmds.injects, cmds.captures
+                # The worker must inject and arm captures BEFORE the forward (and after
+                # vLLM zeroes new blocks): vLLM runs start_load_kv first only for steps
+                # flagged as having synchronous loads.
+                out.has_sync_kv_loads = True
         return out
 
     def update_from_output(self, *args, **kwargs):
@@ -110,7 +167,9 @@ class DedupScheduler(Scheduler):
             bytes_saved=max(logical - physical, 0) * self._bytes_per_block,
             prefix_queries=c.prefix_queries, prefix_hits=c.prefix_hits,
             verified_hits=c.verified_hits, collisions=c.collisions,
-            preemptions=self._preemptions)
+            preemptions=self._preemptions,
+            sequence_hits=self.sequence.hits if self.sequence else 0,
+            sequence_tokens_reused=self.sequence.tokens_reused if self.sequence else 0)
 
     def shutdown(self) -> None:
         self.recorder.close()

@@ -1,0 +1,101 @@
+"""Which parts of a prompt can reuse stored KV computed at another offset (sequence mode).
+
+Pure function over tokens, content-defined chunks and a ``DedupIndex`` of stored chunks;
+no engine. The engine turns the result into scheduling stops and KV injections.
+
+Rules
+* A chunk is reusable when its digest is in the index AND its stored tokens equal the
+  prompt's (``DedupIndex.lookup`` verifies; a collision is never reused).
+* A *run* is a maximal sequence of consecutive reusable chunks whose stored sources are
+  also consecutive in one source context (same ``source`` id, adjacent source positions):
+  within a run the stored KV was computed as one contiguous text.
+* Only tokens at or after ``start`` (what is already computed, e.g. an exact prefix hit)
+  and before ``max_end`` (the last prompt token is always computed, for its logits) are
+  planned.
+* The first ``k`` tokens of each run are recomputed (they re-attend to the new preceding
+  text, EPIC's LegoLink rule); the rest of the run is injected. A run whose injected part
+  is shorter than ``min_inject`` tokens is not worth a stop and is computed normally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .hashing import Chunk
+from .index import DedupIndex
+
+
+@dataclass(frozen=True)
+class ChunkSource:
+    """Where a stored chunk's KV came from: a source context id and its start position."""
+
+    source: str
+    start: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Inject stored chunk ``digest``'s tokens [offset, offset+length) at ``dst`` (they
+    were computed at source position ``src``)."""
+
+    digest: bytes
+    offset: int
+    length: int
+    dst: int
+    src: int
+
+
+@dataclass
+class Injection:
+    """Compute the prompt up to ``stop``, then take [stop, end) from ``pieces``."""
+
+    run_start: int
+    stop: int
+    end: int
+    pieces: list[Piece] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.stop
+
+
+def plan_injections(tokens: Sequence[int] | np.ndarray, chunks: Sequence[Chunk],
+                    index: DedupIndex, *, start: int, max_end: int, k: int,
+                    min_inject: int = 32) -> list[Injection]:
+    """Injections for a prompt, in order, non-overlapping, each with ``start <= stop < end
+    <= max_end`` and ``stop >= run_start + k`` (and ``stop > start``)."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    arr = np.asarray(tokens)
+    runs: list[list[tuple[Chunk, ChunkSource]]] = []
+    for c in chunks:
+        if c.start < start or c.end > max_end:
+            continue
+        entry = index.lookup(c.digest, arr[c.start:c.end])
+        if entry is None:
+            continue
+        src: ChunkSource = entry.payload
+        prev = runs[-1][-1] if runs else None
+        if prev is not None and prev[0].end == c.start and prev[1].source == src.source \
+                and prev[1].start + (prev[0].end - prev[0].start) == src.start:
+            runs[-1].append((c, src))
+        else:
+            runs.append([(c, src)])
+    out: list[Injection] = []
+    for run in runs:
+        run_start, end = run[0][0].start, run[-1][0].end
+        stop = max(run_start + k, start + 1)
+        if end - stop < min_inject:
+            continue
+        inj = Injection(run_start=run_start, stop=stop, end=end)
+        for c, src in run:
+            lo = max(c.start, stop)
+            if lo >= c.end:
+                continue
+            off = lo - c.start
+            inj.pieces.append(Piece(c.digest, off, c.end - lo, lo, src.start + off))
+        out.append(inj)
+    return out
