@@ -34,7 +34,8 @@ from .version import check_vllm_version
 
 check_vllm_version()
 
-GAUGES = ("logical_blocks", "physical_blocks", "dedup_ratio", "bytes_saved", "num_running")
+GAUGES = ("logical_blocks", "physical_blocks", "dedup_ratio", "bytes_saved", "num_running",
+          "store_bytes", "store_entries")
 
 
 @dataclass

@@ -50,6 +50,9 @@ class StepStats:
     preemptions: int = 0
     sequence_hits: int = 0           # runs reused at another offset (sequence mode)
     sequence_tokens_reused: int = 0  # tokens whose KV was injected (sequence mode)
+    store_bytes: int = 0             # KV bytes held by the sequence store
+    store_entries: int = 0
+    store_evictions: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +60,7 @@ class StepStats:
 
 FIELDS = [f.name for f in fields(StepStats)]
 COUNTERS = ("prefix_queries", "prefix_hits", "verified_hits", "collisions", "preemptions",
-            "sequence_hits", "sequence_tokens_reused")
+            "sequence_hits", "sequence_tokens_reused", "store_evictions")
 
 
 class StatsBoard:

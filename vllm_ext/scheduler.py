@@ -168,8 +168,7 @@ class DedupScheduler(Scheduler):
             prefix_queries=c.prefix_queries, prefix_hits=c.prefix_hits,
             verified_hits=c.verified_hits, collisions=c.collisions,
             preemptions=self._preemptions,
-            sequence_hits=self.sequence.hits if self.sequence else 0,
-            sequence_tokens_reused=self.sequence.tokens_reused if self.sequence else 0)
+            **(self.sequence.stats() if self.sequence else {}))
 
     def shutdown(self) -> None:
         self.recorder.close()

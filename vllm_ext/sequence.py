@@ -140,6 +140,12 @@ class SequenceState:
                     self.cmds.captures.append((c.digest, slots(c.start, c.end), c.start))
         p.captured_upto = done
 
+    def stats(self) -> dict:
+        st = self.index.stats()
+        return {"sequence_hits": self.hits, "sequence_tokens_reused": self.tokens_reused,
+                "store_bytes": st["bytes_held"], "store_entries": st["entries"],
+                "store_evictions": st["evictions"]}
+
     def take_commands(self) -> StepCommands:
         cmds, self.cmds = self.cmds, StepCommands()
         return cmds

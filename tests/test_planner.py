@@ -1,0 +1,76 @@
+"""dedup.planner: which prompt tokens reuse stored chunks, where prefill stops, what is injected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dedup.hashing import Chunk, token_digest
+from dedup.index import DedupIndex
+from dedup.planner import ChunkSource, plan_injections
+
+
+def _chunks(tokens, cuts):
+    """Chunks at given cut points (a stand-in for chunk_runs with known boundaries)."""
+    bounds = [0, *cuts, len(tokens)]
+    return [Chunk(a, b, token_digest(tokens[a:b])) for a, b in zip(bounds, bounds[1:])]
+
+
+def _store(index, tokens, chunks, source):
+    for c in chunks:
+        index.insert(c.digest, np.asarray(tokens[c.start:c.end]), ChunkSource(source, c.start), 1)
+
+
+rng = np.random.default_rng(0)
+DOC = rng.integers(3, 1000, 200).tolist()
+
+
+def test_document_at_another_offset_is_one_run_with_k_recomputed():
+    idx = DedupIndex(10**6)
+    src = [1] * 30 + DOC + [2] * 5
+    _store(idx, src, _chunks(src, [30, 80, 130, 180, 230]), "A")
+    new = [9] * 70 + DOC + [4] * 10
+    chunks = _chunks(new, [70, 120, 170, 220, 270])
+    (inj,) = plan_injections(new, chunks, idx, start=0, max_end=len(new) - 1, k=16, min_inject=8)
+    assert (inj.run_start, inj.stop, inj.end) == (70, 86, 270)
+    assert sum(p.length for p in inj.pieces) == 270 - 86
+    assert all(p.dst - p.src == 40 for p in inj.pieces)  # moved from offset 30 to 70
+    assert inj.pieces[0].offset == 16
+
+
+def test_runs_split_where_sources_are_not_contiguous_and_collisions_are_not_used():
+    idx = DedupIndex(10**6)
+    a, b = DOC[:100], DOC[100:]
+    _store(idx, a, _chunks(a, [50]), "A")
+    _store(idx, b, _chunks(b, [50]), "B")
+    # a forged entry: right digest, wrong tokens -> collision, never used
+    forged = [5] * 40
+    idx.insert(token_digest(forged), np.asarray([6] * 40), ChunkSource("X", 0), 1)
+    new = [7] * 10 + a + b + forged + [8] * 5
+    chunks = _chunks(new, [10, 60, 110, 160, 210, 250])
+    injs = plan_injections(new, chunks, idx, start=0, max_end=len(new) - 1, k=0, min_inject=8)
+    assert [(i.stop, i.end) for i in injs] == [(10, 110), (110, 210)]
+    assert idx.stats()["collisions"] == 1
+
+
+def test_start_and_last_token_bounds():
+    idx = DedupIndex(10**6)
+    _store(idx, DOC, _chunks(DOC, [50, 100, 150]), "A")
+    new = list(DOC)  # the whole prompt is stored; the last token must still be computed
+    chunks = _chunks(new, [50, 100, 150])
+    (inj,) = plan_injections(new, chunks, idx, start=50, max_end=len(new) - 1, k=0, min_inject=8)
+    assert inj.stop > 50 and inj.end <= len(new) - 1
+    assert inj.stop == 51 and inj.end == 150  # chunk [150, 200) ends past max_end
+
+
+def test_short_runs_are_not_worth_a_stop():
+    idx = DedupIndex(10**6)
+    _store(idx, DOC, _chunks(DOC, [20]), "A")
+    new = [3] * 50 + DOC[:20] + [4] * 50
+    chunks = _chunks(new, [50, 70])
+    assert plan_injections(new, chunks, idx, start=0, max_end=119, k=0, min_inject=32) == []
+
+
+def test_negative_k_is_refused():
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        plan_injections(DOC, [], DedupIndex(10), start=0, max_end=10, k=-1)
