@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -36,7 +37,7 @@ def server(engines, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     trace = log.with_name("trace.jsonl")
-    cmd = [sys.executable, "-m", "vllm_ext.cli", "serve", "tiny", "--dedup", "prefix",
+    cmd = [sys.executable, "-m", "vllm_ext.cli", "serve", "tiny", "--dedup", "sequence",
            "--dedup-trace", str(trace), "--port", str(port), "--max-model-len", "512",
            "--num-gpu-blocks-override", "64", "--enforce-eager"]
     with open(log, "w") as out:
@@ -90,6 +91,43 @@ def test_concurrent_completions_share_and_metrics_return_to_zero(server):
     assert _metric(text, "kvdedup_physical_blocks") == 0, "blocks still held after the load"
     lines = trace.read_text().splitlines()
     assert len(lines) > 3 and '"prefix_hits"' in lines[-1]
+
+
+def test_sequence_hits_in_metrics_and_trace(server):
+    import json
+
+    import openai
+    import requests
+
+    base, _, trace = server
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+    model = client.models.list().data[0].id
+    rng = np.random.default_rng(11)
+    doc = rng.integers(3, 2000, size=300).tolist()
+    for head in (rng.integers(3, 2000, size=20).tolist(), rng.integers(3, 2000, size=57).tolist()):
+        client.completions.create(model=model, prompt=head + doc + [4, 5], max_tokens=2)
+    time.sleep(1.0)
+    text = requests.get(base + "/metrics", timeout=10).text
+    assert _metric(text, "kvdedup_sequence_hits_total") >= 1
+    assert _metric(text, "kvdedup_sequence_tokens_reused_total") >= 100
+    last = json.loads(trace.read_text().splitlines()[-1])
+    assert last["sequence_hits"] >= 1
+
+
+def test_serve_command_for_each_mode():
+    from vllm_ext.cli import serve_command
+
+    off = serve_command("tiny", "off", None, ["--no-enable-prefix-caching"])
+    assert "--scheduler-cls" not in off and off[-1] == "--no-enable-prefix-caching"
+    pre = serve_command("tiny", "prefix", "t.jsonl", ["--port", "9"])
+    cfg = json.loads(pre[pre.index("--kv-transfer-config") + 1])
+    assert cfg["kv_connector_extra_config"]["mode"] == "prefix"
+    assert cfg["kv_connector_extra_config"]["trace"].endswith("t.jsonl")
+    assert "--enable-prefix-caching" in pre and pre[-2:] == ["--port", "9"]
+    with pytest.raises(ValueError, match="set by --dedup prefix"):
+        serve_command("tiny", "prefix", None, ["--scheduler-cls", "x.Y"])
+    with pytest.raises(ValueError, match="needs kvdedup's scheduler"):
+        serve_command("tiny", "off", "t.jsonl", [])
 
 
 @pytest.mark.parametrize("prompt", [[], [5] * 600])
