@@ -39,8 +39,9 @@ check_vllm_version()
 class PrefixCounters:
     """Cumulative prefix-sharing counters (tokens for queries/hits, blocks otherwise)."""
 
-    prefix_queries: int = 0       # prompt tokens looked up at admission
-    prefix_hits: int = 0          # tokens admitted as verified hits
+    prefix_queries: int = 0       # prompt tokens looked up at first admission
+    prefix_hits: int = 0          # tokens admitted as verified hits at first admission
+    preempted_hits: int = 0       # hit tokens of re-admitted (preempted) requests
     verified_hits: int = 0        # blocks whose tokens were checked equal and shared
     collisions: int = 0           # blocks whose hash hit but tokens/tenant differed
     lookup_requests: int = 0      # admissions that looked the cache up
@@ -100,8 +101,11 @@ class VerifiedKVCacheManager(KVCacheManager):
         verified, rejected = self._pending.pop(request.request_id, (0, 0))
         c = self.counters
         c.lookup_requests += 1
-        c.prefix_queries += request.num_tokens
-        c.prefix_hits += num_hits
+        if request.num_preemptions > 0:  # as vLLM: re-admissions are counted apart
+            c.preempted_hits += num_hits
+        else:
+            c.prefix_queries += request.num_tokens
+            c.prefix_hits += num_hits
         c.verified_hits += min(verified, num_hits // self.block_size)
         c.collisions += rejected
 
