@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -51,6 +49,7 @@ import xxhash
 
 from analysis import AnalysisError
 from analysis.simulate import RequestFootprint, simulate_kv_blocks, SIMULATION_MODEL
+from experiments.workloads.format import Request, WorkloadError, load_workload
 
 __all__ = [
     "WorkloadRequest",
@@ -64,9 +63,7 @@ __all__ = [
 ]
 
 #: Largest token id accepted (token ids are hashed as int32 for rule (b)).
-_MAX_TOKEN_ID = 2**31 - 1
 
-_REQUIRED_FIELDS = ("prompt_token_ids", "output_len", "arrival_time", "session_id", "source")
 
 
 # --------------------------------------------------------------------------
@@ -74,85 +71,21 @@ _REQUIRED_FIELDS = ("prompt_token_ids", "output_len", "arrival_time", "session_i
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WorkloadRequest:
-    """One request of a workload file."""
-
-    prompt_token_ids: tuple[int, ...]
-    output_len: int
-    arrival_time: float | None
-    session_id: str | None
-    source: str
+# Workloads are read by the project's one loader (experiments.workloads.format), so the
+# audit accepts exactly what experiments run; its errors become AnalysisError here.
+WorkloadRequest = Request
 
 
-def _parse_request(obj: Any, where: str) -> WorkloadRequest:
-    """Validate one decoded JSONL object; ``where`` is ``file:line`` for errors."""
-    if not isinstance(obj, dict):
-        raise AnalysisError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    missing = [k for k in _REQUIRED_FIELDS if k not in obj]
-    if missing:
-        raise AnalysisError(f"{where}: missing field(s): {', '.join(missing)}")
-    toks = obj["prompt_token_ids"]
-    if not isinstance(toks, list) or not toks:
-        raise AnalysisError(f"{where}: prompt_token_ids must be a non-empty list of ints")
-    for t in toks:
-        if not isinstance(t, int) or isinstance(t, bool) or t < 0 or t > _MAX_TOKEN_ID:
-            raise AnalysisError(
-                f"{where}: prompt_token_ids must hold ints in [0, 2**31-1], found {t!r}"
-            )
-    out = obj["output_len"]
-    if not isinstance(out, int) or isinstance(out, bool) or out < 1:
-        raise AnalysisError(f"{where}: output_len must be an int >= 1, got {out!r}")
-    arr = obj["arrival_time"]
-    if arr is not None and (
-        isinstance(arr, bool) or not isinstance(arr, (int, float))
-        or not math.isfinite(arr) or arr < 0
-    ):
-        raise AnalysisError(
-            f"{where}: arrival_time must be null or a finite number >= 0, got {arr!r}"
-        )
-    sid = obj["session_id"]
-    if sid is not None and not isinstance(sid, str):
-        raise AnalysisError(f"{where}: session_id must be a string or null, got {sid!r}")
-    src = obj["source"]
-    if not isinstance(src, str):
-        raise AnalysisError(f"{where}: source must be a string, got {src!r}")
-    return WorkloadRequest(
-        prompt_token_ids=tuple(toks),
-        output_len=out,
-        arrival_time=None if arr is None else float(arr),
-        session_id=sid,
-        source=src,
-    )
-
-
-def read_workload(path: str | Path) -> list[WorkloadRequest]:
-    """Read a workload JSONL file (blank lines are skipped).
+def read_workload(path: str | Path) -> list[Request]:
+    """Read a workload JSONL file with ``experiments.workloads.format.load_workload``.
 
     Raises :class:`AnalysisError` naming the file (and line) when the file is
     missing, empty, not JSON, or a request is malformed.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise AnalysisError(f"unknown workload file: {p} (not found)")
-    requests: list[WorkloadRequest] = []
     try:
-        fh = p.open("r", encoding="utf-8")
-    except OSError as exc:
-        raise AnalysisError(f"cannot read workload file {p}: {exc}") from None
-    with fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AnalysisError(f"{where}: invalid JSON ({exc.msg})") from None
-            requests.append(_parse_request(obj, where))
-    if not requests:
-        raise AnalysisError(f"workload file {p} holds no requests")
-    return requests
+        return load_workload(path).requests
+    except WorkloadError as exc:
+        raise AnalysisError(str(exc)) from None
 
 
 def find_workload_meta(path: str | Path) -> Path | None:

@@ -229,9 +229,9 @@ def test_cli_json_and_table(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("line, msg", [
-    ("{bad json", "w.jsonl:2: invalid JSON"),
-    ('{"prompt_token_ids": [1], "output_len": 1}', "w.jsonl:2: missing field(s): arrival_time, session_id, source"),
-    ('{"prompt_token_ids": [1, -3], "output_len": 1, "arrival_time": null, "session_id": null, "source": "x"}', "prompt_token_ids must hold ints"),
+    ("{bad json", "w.jsonl:2: bad JSON"),
+    ('{"prompt_token_ids": [1], "output_len": 1}', "w.jsonl:2: missing field(s) arrival_time, session_id, source"),
+    ('{"prompt_token_ids": [1, -3], "output_len": 1, "arrival_time": null, "session_id": null, "source": "x"}', "= -3 is not a non-negative int"),
     ('{"prompt_token_ids": [], "output_len": 1, "arrival_time": null, "session_id": null, "source": "x"}', "non-empty list"),
     ('{"prompt_token_ids": [1], "output_len": "3", "arrival_time": null, "session_id": null, "source": "x"}', "output_len must be"),
     ('{"prompt_token_ids": [1], "output_len": 0, "arrival_time": null, "session_id": null, "source": "x"}', "output_len must be an int >= 1"),
@@ -250,9 +250,9 @@ def test_bad_workload_lines(tmp_path, capsys, line, msg):
 
 def test_missing_and_empty_workload(tmp_path, capsys):
     assert main(["audit", str(tmp_path / "nope.jsonl")]) == 2
-    assert "unknown workload file" in capsys.readouterr().err
+    assert "no such workload file" in capsys.readouterr().err
     (tmp_path / "e.jsonl").write_text("\n")
-    with pytest.raises(AnalysisError, match="holds no requests"):
+    with pytest.raises(AnalysisError, match="workload is empty"):
         read_workload(tmp_path / "e.jsonl")
 
 
