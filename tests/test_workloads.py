@@ -24,8 +24,7 @@ from experiments.workloads import WorkloadError, load_workload, meta_path
 from experiments.workloads.cli import main
 from experiments.workloads.real import load_pickle_units
 from experiments.workloads.sharing import shareable_fractions
-from experiments.workloads.standins import (parse_alpaca_eval, parse_chatterbot, parse_lee_cor,
-                                            standin_units)
+from experiments.workloads.standins import parse_alpaca_eval, parse_chatterbot, parse_lee_cor
 from experiments.workloads.wikitext import clean_wikitext, parse_wiki_dump
 
 REPO = Path(__file__).resolve().parents[1]
