@@ -128,6 +128,14 @@ def test_serve_command_for_each_mode():
         serve_command("tiny", "prefix", None, ["--scheduler-cls", "x.Y"])
     with pytest.raises(ValueError, match="needs kvdedup's scheduler"):
         serve_command("tiny", "off", "t.jsonl", [])
+    from vllm_ext.cli import parse_options
+
+    assert parse_options(["k=16", "store_bytes=1000"]) == {"k": 16, "store_bytes": 1000}
+    with pytest.raises(ValueError, match="expects k=INT"):
+        parse_options(["k=-3"])
+    seq = serve_command("tiny", "sequence", None, [], {"k": 8})
+    assert json.loads(seq[seq.index("--kv-transfer-config") + 1])[
+        "kv_connector_extra_config"] == {"k": 8, "mode": "sequence"}
 
 
 @pytest.mark.parametrize("prompt", [[], [5] * 600])

@@ -26,8 +26,10 @@ def _has(flags: list[str], name: str) -> bool:
     return any(f == name or f.startswith(name + "=") for f in flags)
 
 
-def serve_command(model: str, dedup: str, trace: str | None, rest: list[str]) -> list[str]:
-    """The argv that starts vLLM's API server for ``model`` in ``dedup`` mode."""
+def serve_command(model: str, dedup: str, trace: str | None, rest: list[str],
+                  options: dict | None = None) -> list[str]:
+    """The argv that starts vLLM's API server for ``model`` in ``dedup`` mode
+    (``options``: kvdedup scheduler options, e.g. sequence mode's ``k``)."""
     check_mode(dedup)
     for flag in OWNED:
         if dedup != "off" and _has(rest, flag):
@@ -49,13 +51,26 @@ def serve_command(model: str, dedup: str, trace: str | None, rest: list[str]) ->
             cmd += [flag, str(value)]
     if dedup != "off":
         cmd += ["--scheduler-cls", SCHEDULER_CLS,
-                "--kv-transfer-config", json.dumps(connector_config(dedup, trace))]
-    if dedup == "prefix":
-        if not _has(rest, "--enable-prefix-caching"):
+                "--kv-transfer-config", json.dumps(connector_config(dedup, trace, None, options))]
+    if dedup in ("prefix", "sequence"):
+        if not (_has(rest, "--enable-prefix-caching")
+                or _has(rest, "--no-enable-prefix-caching")):
             cmd.append("--enable-prefix-caching")
         if not _has(rest, "--prefix-caching-hash-algo"):
             cmd += ["--prefix-caching-hash-algo", "xxhash"]
     return cmd + rest
+
+
+def parse_options(items: list[str]) -> dict[str, int]:
+    """``["k=32", "store_bytes=1000"]`` -> ``{"k": 32, ...}``; a clear error otherwise."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("k", "store_bytes", "min_inject") or not value.isdigit():
+            raise ValueError(f"--dedup-option expects k=INT, store_bytes=INT or "
+                             f"min_inject=INT, got {item!r}")
+        out[key] = int(value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="off: stock vLLM (A/B baseline); observe: stock behaviour plus "
                    "kvdedup metrics; prefix: verified, salted exact sharing (default)")
     s.add_argument("--dedup-trace", metavar="PATH", help="append a JSON line per engine step")
+    s.add_argument("--dedup-option", action="append", default=[], metavar="KEY=INT",
+                   help="kvdedup scheduler option, repeatable: k (tokens recomputed at the "
+                   "start of each reused run, sequence mode), store_bytes, min_inject")
     s.add_argument("--print-cmd", action="store_true", help="print the raw command and exit")
     args, rest = p.parse_known_args(argv)
     try:
-        cmd = serve_command(args.model, args.dedup, args.dedup_trace, rest)
+        cmd = serve_command(args.model, args.dedup, args.dedup_trace, rest,
+                            parse_options(args.dedup_option))
     except ValueError as exc:
         print(f"kvdedup: error: {exc}", file=sys.stderr)
         return 2
