@@ -11,7 +11,8 @@ Rules
   within a run the stored KV was computed as one contiguous text.
 * Only tokens at or after ``start`` (what is already computed, e.g. an exact prefix hit)
   and before ``max_end`` (the last prompt token is always computed, for its logits) are
-  planned.
+  injected. A stored chunk that straddles ``start`` still belongs to its run: its tokens
+  before ``start`` are already exact and count toward the run's first ``k``.
 * The first ``k`` tokens of each run are recomputed (they re-attend to the new preceding
   text, EPIC's LegoLink rule); the rest of the run is injected. A run whose injected part
   is shorter than ``min_inject`` tokens is not worth a stop and is computed normally.
@@ -72,7 +73,7 @@ def plan_injections(tokens: Sequence[int] | np.ndarray, chunks: Sequence[Chunk],
     arr = np.asarray(tokens)
     runs: list[list[tuple[Chunk, ChunkSource]]] = []
     for c in chunks:
-        if c.start < start or c.end > max_end:
+        if c.end <= start or c.end > max_end:
             continue
         entry = index.lookup(c.digest, arr[c.start:c.end])
         if entry is None:

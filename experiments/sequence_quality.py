@@ -197,7 +197,10 @@ def make_engine(model: str, dedup: str, max_model_len: int, blocks: int, k: int 
     if dedup == "off":
         kw.update(dedup="off", enable_prefix_caching=False)
     else:
-        kw.update(dedup="sequence", dedup_options={"k": k, "store_bytes": store_bytes})
+        # inject_prompt_logprobs: teacher-forced scoring needs prompt logprobs under reuse
+        # (off by default in sequence mode; only positions after the runs are scored).
+        kw.update(dedup="sequence", dedup_options={"k": k, "store_bytes": store_bytes,
+                                                   "inject_prompt_logprobs": True})
     for attempt in range(retries):
         try:
             return vllm_ext.LLM(model, **kw)
@@ -359,6 +362,7 @@ def aggregate(rows: list[dict]) -> dict:
         "rougeL_f1_median": float(statistics.median([r["rougeL_f1"] for r in used])) if used else None,
         "exact_output_match": _mean(float(r["exact_output_match"]) for r in used),
         "mean_f": _mean(r["f"] for r in used),
+        "mean_f_tf": _mean(r["f_tf"] for r in used),
         "mean_f_all_cases": _mean(r["f"] for r in rows),
         "mean_target_reused_tokens": _mean(r["target_reused_tokens"] for r in used),
         "excluded_positions": sum(r["excluded_positions"] for r in rows),
@@ -380,15 +384,15 @@ def _fmt(x, spec: str) -> str:
 
 
 def table(summary: dict) -> str:
-    head = ("| k | workload | cases (reuse/all) | mean f | logprob delta mean | median | worst "
+    head = ("| k | workload | cases (reuse/all) | mean f (greedy) | mean f (teacher-forced) | logprob delta mean | median | worst "
             "| first-token agree | top-1 agree | ROUGE-L F1 | exact output |")
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for k, s in summary["per_k"].items():
         groups = [("all", s)] + list(summary["per_k_workload"][k].items())
         for name, g in groups:
             lines.append(
                 f"| {k} | {name} | {g['n_cases_with_reuse']}/{g['n_cases']} | {_fmt(g['mean_f'], '.3f')} "
-                f"| {_fmt(g['mean_logprob_delta'], '+.4f')} | {_fmt(g['median_logprob_delta'], '+.4f')} "
+                f"| {_fmt(g['mean_f_tf'], '.3f')} | {_fmt(g['mean_logprob_delta'], '+.4f')} | {_fmt(g['median_logprob_delta'], '+.4f')} "
                 f"| {_fmt(g['worst_logprob_delta'], '+.4f')} | {_fmt(g['first_token_agreement'], '.3f')} "
                 f"| {_fmt(g['top1_agreement'], '.3f')} | {_fmt(g['rougeL_f1_mean'], '.3f')} "
                 f"| {_fmt(g['exact_output_match'], '.3f')} |")
@@ -420,6 +424,12 @@ def environment(model: str) -> dict:
         env["model"] = {"name": model, "path": str(resolve_model(model))}
     except Exception:  # noqa: BLE001
         env["model"] = {"name": model}
+    try:
+        import vllm
+
+        env.setdefault("versions", {})["vllm"] = vllm.__version__
+    except Exception:  # noqa: BLE001
+        pass
     return env
 
 
@@ -483,6 +493,12 @@ def run(cases: list[Case], model: str, ks: Sequence[int], out: Path, max_new: in
         **summarize(rows, ks),
         "timings_s": {**timings, "total": round(time.perf_counter() - t_start, 1)},
     }
+    _write_summary(out, summary)
+    return summary
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    model, max_new = summary["model"], summary.get("max_new_tokens", 32)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     md = (f"# Sequence-mode quality vs full prefill ({model})\n\n"
           f"cases: {summary['cases']}; {max_new} greedy tokens; git {summary['env'].get('git_commit')}; "
@@ -492,7 +508,6 @@ def run(cases: list[Case], model: str, ks: Sequence[int], out: Path, max_new: in
           "injected.\n\n" + table(summary) + "\n")
     (out / "summary.md").write_text(md)
     print(table(summary), flush=True)
-    return summary
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -513,11 +528,36 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens (default 32)")
     ap.add_argument("--store-bytes", type=int, default=1 << 30, help="sequence store budget (default 1 GiB)")
     ap.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="rebuild summary.json/.md from an existing OUT/cases.jsonl (e.g. of an "
+                         "interrupted run: only the k values it finished) and print the table")
     return ap
+
+
+def resummarize(out: Path, model: str, args: dict | None = None) -> dict:
+    """Summary of whatever ``out/cases.jsonl`` holds (k values in file order)."""
+    lines = [json.loads(x) for x in (out / "cases.jsonl").read_text().splitlines() if x.strip()]
+    refs = [r for r in lines if r["k"] is None]
+    rows = [r for r in lines if r["k"] is not None]
+    ks = list(dict.fromkeys(r["k"] for r in rows))
+    old = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    summary = {**{k: old[k] for k in ("args", "max_new_tokens", "store_bytes", "max_model_len",
+                                      "timings_s") if k in old},
+               "env": environment(model), "model": model, "ks": ks,
+               "resummarized": True,
+               "cases": {w: sum(r["workload"] == w for r in refs) for w in sorted({r["workload"] for r in refs})},
+               "reference_greedy_is_top1": _mean(r["greedy_is_top1"] for r in refs),
+               **summarize(rows, ks)}
+    _write_summary(out, summary)
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.summarize_only:
+        resummarize(args.out, args.model, {k: str(v) if isinstance(v, Path) else v
+                                           for k, v in vars(args).items()})
+        return 0
     if any(k < 0 for k in args.k):
         raise SystemExit("k must be >= 0")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

@@ -69,6 +69,19 @@ def test_run_from_identical_context_is_injected_and_output_is_exact(engines):
     assert out == [REF[tuple(SAME_CONTEXT[0])]]
 
 
+def test_prompt_logprobs_requests_are_computed_not_injected(engines):
+    from vllm import SamplingParams
+
+    llm = _seq_k0(engines)
+    s0 = _stats(llm)
+    out = llm.generate([{"prompt_token_ids": SAME_CONTEXT[1]}],
+                       SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
+                                      prompt_logprobs=1), use_tqdm=False)[0]
+    assert _stats(llm)["sequence_hits"] == s0["sequence_hits"]
+    assert list(out.outputs[0].token_ids) == REF[tuple(SAME_CONTEXT[1])]
+    assert all(lp is not None for lp in out.prompt_logprobs[1:])
+
+
 def test_forced_preemption_during_planned_requests_completes_correctly(engines):
     llm = _seq_k0(engines)
     s0 = _stats(llm)

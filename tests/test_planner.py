@@ -74,3 +74,14 @@ def test_short_runs_are_not_worth_a_stop():
 def test_negative_k_is_refused():
     with pytest.raises(ValueError, match="k must be >= 0"):
         plan_injections(DOC, [], DedupIndex(10), start=0, max_end=10, k=-1)
+
+
+def test_chunk_straddling_an_exact_prefix_hit_stays_in_its_run():
+    idx = DedupIndex(10**6)
+    _store(idx, DOC, _chunks(DOC, [50, 100, 150]), "A")
+    chunks = _chunks(DOC, [50, 100, 150])
+    # 70 tokens already computed exactly (e.g. a prefix hit ending inside chunk [50, 100))
+    (inj,) = plan_injections(DOC, chunks, idx, start=70, max_end=199, k=32, min_inject=8)
+    assert (inj.run_start, inj.stop, inj.end) == (50, 82, 150)
+    (inj0,) = plan_injections(DOC, chunks, idx, start=70, max_end=199, k=0, min_inject=8)
+    assert inj0.stop == 71 and inj0.pieces[0].offset == 21

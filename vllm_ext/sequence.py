@@ -16,6 +16,10 @@ connector metadata, so worker and scheduler never disagree:
   and prefix-cache blocks below that limit are captured or registered: injected
   (approximate) KV and everything computed after it never enter either cache.
 * preemption cancels the request's remaining plan (full recompute from then on).
+* requests asking for prompt logprobs are not planned (as vLLM skips prefix-cache reads
+  for them): injected positions have no logits. ``inject_prompt_logprobs`` overrides this
+  for evaluation only (entries at injected positions are placeholders with token id -1;
+  request them with ``detokenize=False``).
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ class StepCommands:
 
 class SequenceState:
     def __init__(self, block_size: int, bytes_per_token: int, store_bytes: int, k: int,
-                 min_inject: int = 32, chunk_args: dict | None = None) -> None:
+                 min_inject: int = 32, chunk_args: dict | None = None,
+                 inject_prompt_logprobs: bool = False) -> None:
+        self.inject_prompt_logprobs = inject_prompt_logprobs
         self.block_size = block_size
         self.bytes_per_token = bytes_per_token
         self.k = k
@@ -78,8 +84,11 @@ class SequenceState:
             return p
         prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
         chunks = chunk_runs(prompt, **self.chunk_args) if len(prompt) else []
-        inj = plan_injections(prompt, chunks, self.index, start=start,
-                              max_end=len(prompt) - 1, k=self.k, min_inject=self.min_inject)
+        sp = request.sampling_params
+        wants_logprobs = sp is not None and sp.prompt_logprobs is not None
+        inj = [] if wants_logprobs and not self.inject_prompt_logprobs else plan_injections(
+            prompt, chunks, self.index, start=start, max_end=len(prompt) - 1, k=self.k,
+            min_inject=self.min_inject)
         p = RequestPlan(chunks, inj, exact_limit=inj[0].stop if inj else len(prompt),
                         limited=bool(inj))
         for i in inj:
