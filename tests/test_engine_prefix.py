@@ -135,5 +135,5 @@ def test_unknown_dedup_mode_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unknown dedup mode 'bogus'"):
         vllm_ext.LLM("tiny", dedup="bogus")
-    with pytest.raises(ValueError, match="not implemented"):
-        vllm_ext.LLM("tiny", dedup="sequence")
+    with pytest.raises(ValueError, match="do not pass enable_prefix_caching=False"):
+        vllm_ext.LLM("tiny", dedup="prefix", enable_prefix_caching=False)
