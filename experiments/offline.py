@@ -152,6 +152,12 @@ def run_offline(spec: dict) -> dict:
         "collisions": int(end["collisions"] - base["collisions"]),
         "prefix_queries": int(q),
         "prefix_hits": int(h),
+        "sequence_hits": int(end.get("sequence_hits", 0) - base.get("sequence_hits", 0)),
+        "sequence_tokens_reused": int(end.get("sequence_tokens_reused", 0)
+                                      - base.get("sequence_tokens_reused", 0)),
+        # f: fraction of prompt tokens whose KV was injected (sequence mode)
+        "reused_fraction": (end.get("sequence_tokens_reused", 0)
+                            - base.get("sequence_tokens_reused", 0)) / in_tokens if in_tokens else 0.0,
         "generated_lens": gen_lens,
         "reference_output_lens_match": gen_lens == ref,
         "startup_s": startup_s,

@@ -130,6 +130,19 @@ def test_injected_blocks_never_enter_the_prefix_cache(engines, seq_trace):
     assert _greedy(llm, [EXACT_ONLY]) == [REF[tuple(EXACT_ONLY)]]
 
 
+def test_follower_in_the_same_batch_reuses_the_document(engines, seq_trace):
+    llm = _seq_apc(engines, seq_trace)
+    doc = _tokens(50, 400)
+    first, follower = _tokens(51, 30) + doc + [7], _tokens(52, 45) + doc + [8]
+    s0 = _stats(llm)
+    _greedy(llm, [first, follower])            # submitted together
+    s1 = _stats(llm)
+    # Whether both land in the same step depends on arrival timing; either way the
+    # follower must reuse the document (held one step if they did, see test_sequence_state).
+    assert s1["sequence_hits"] - s0["sequence_hits"] >= 1
+    assert s1["sequence_tokens_reused"] - s0["sequence_tokens_reused"] >= 200
+
+
 def test_store_budget_holds_under_a_workload_ten_times_larger(engines, seq_trace):
     llm = _seq_apc(engines, seq_trace)
     budget = 800 * BYTES_PER_TOKEN

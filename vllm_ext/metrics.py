@@ -53,6 +53,7 @@ class StepStats:
     store_bytes: int = 0             # KV bytes held by the sequence store
     store_entries: int = 0
     store_evictions: int = 0
+    sequence_held: int = 0           # admissions delayed one step to reuse a same-step run
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,6 +15,11 @@ connector metadata, so worker and scheduler never disagree:
 * exact limit: a request's tokens before its first injection stop are exact. Only chunks
   and prefix-cache blocks below that limit are captured or registered: injected
   (approximate) KV and everything computed after it never enter either cache.
+* same-step followers: a waiting request whose reusable runs are being computed by a
+  request admitted earlier in the SAME step (their KV is captured during this step's
+  forward) is held back one step (``clip`` returns 0, which ends vLLM's admission loop
+  for the step), then planned against the captured chunks. In-flight digests are
+  forgotten at the end of every step, so a request waits at most one step per chance.
 * preemption cancels the request's remaining plan (full recompute from then on).
 * requests asking for prompt logprobs are not planned (as vLLM skips prefix-cache reads
   for them): injected positions have no logits. ``inject_prompt_logprobs`` overrides this
@@ -68,6 +73,8 @@ class SequenceState:
         self.chunk_args = chunk_args or {}
         self.index = DedupIndex(store_bytes, on_evict=self._on_evict)
         self.plans: dict[str, RequestPlan] = {}
+        self.inflight: set[bytes] = set()   # chunks computed by requests admitted this step
+        self.held = 0
         self.cmds = StepCommands()
         self.hits = 0
         self.tokens_reused = 0
@@ -98,9 +105,28 @@ class SequenceState:
         self.plans[request.request_id] = p
         return p
 
+    def _worth_waiting(self, request, start: int) -> bool:
+        """Would this not-yet-planned request reuse enough of what requests admitted earlier
+        in this step are computing now?"""
+        if not self.inflight:
+            return False
+        prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
+        pending = sum(c.end - c.start for c in chunk_runs(prompt, **self.chunk_args)
+                      if c.start >= start and c.digest in self.inflight
+                      and c.digest not in self.index)
+        return pending >= self.k + self.min_inject
+
     def clip(self, request, start: int, num_new: int) -> int:
-        """Cap a prefill chunk so it stops at the request's next injection stop."""
+        """Cap a prefill chunk so it stops at the request's next injection stop (0: hold the
+        request back this step, see the module docstring)."""
+        first = request.request_id not in self.plans
+        if first and request.num_computed_tokens == 0 and self._worth_waiting(request, start):
+            self.held += 1
+            return 0
         p = self.plan(request, start)
+        if first:
+            self.inflight.update(c.digest for c in p.chunks
+                                 if c.start >= start and c.end <= p.exact_limit)
         for inj in p.injections:
             if start < inj.stop < start + num_new:
                 return inj.stop - start
@@ -153,10 +179,12 @@ class SequenceState:
         st = self.index.stats()
         return {"sequence_hits": self.hits, "sequence_tokens_reused": self.tokens_reused,
                 "store_bytes": st["bytes_held"], "store_entries": st["entries"],
-                "store_evictions": st["evictions"]}
+                "store_evictions": st["evictions"], "sequence_held": self.held}
 
     def take_commands(self) -> StepCommands:
+        """The step's worker commands; also ends the step's in-flight window."""
         cmds, self.cmds = self.cmds, StepCommands()
+        self.inflight = set()
         return cmds
 
     # -- lifecycle -----------------------------------------------------------------------
