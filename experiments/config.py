@@ -133,8 +133,7 @@ class Config:
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("KVDEDUP_CACHE", Path.home() / ".cache" / "kvdedup")).expanduser()
+from vllm_ext.models import cache_root  # noqa: E402  (one definition of the cache root)
 
 
 def _expand(p: str) -> Path:

@@ -19,6 +19,7 @@ line, so a CLI can print it without a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,6 +30,15 @@ from typing import Any, Iterable
 FORMAT_NAME = "kvdedup-workload"
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = ("prompt_token_ids", "output_len", "arrival_time", "session_id", "source")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (provenance of archives and tokenizers in ``.meta.json``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class WorkloadError(ValueError):

