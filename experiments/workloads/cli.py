@@ -79,6 +79,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="shared-template: template length in tokens (default 512)")
     g.add_argument("--instructions", type=_positive, default=4, metavar="K",
                    help="multi-instruction: instructions per document (default 4)")
+    g.add_argument("--doc-tokens", type=_positive, default=1200, metavar="T",
+                   help="multi-instruction-long: document length cap in tokens (default 1200)")
     g.add_argument("--docs-per-prompt", type=_positive, default=4, metavar="M",
                    help="multi-document: documents per prompt (default 4)")
     g.add_argument("--num-docs", type=_positive, default=40, metavar="N",
@@ -154,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for need in info.needs:
         texts[need], sources[need] = loaders[need]()
     params = {k: getattr(args, k) for k in ("template_tokens", "instructions", "docs_per_prompt", "num_docs",
-                                            "copies", "edit_prob", "turns")}
+                                            "copies", "edit_prob", "turns", "doc_tokens")}
     units, gen_meta = info.func(texts, tok, args.num_requests, args.seed, **params)
     requests, stats = build_requests(units, tok, seed=args.seed, max_model_len=mml,
                                      max_prompt_tokens=args.max_prompt_tokens, origin=args.kind,
@@ -175,6 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 _USED = {"shared-template": ("template_tokens",), "multi-instruction": ("instructions",),
+         "multi-instruction-long": ("instructions", "doc_tokens"),
          "multi-document": ("docs_per_prompt", "num_docs"), "syndication": ("copies", "edit_prob"),
          "multi-turn": ("turns",)}
 

@@ -156,6 +156,32 @@ def gen_multi_instruction(texts: dict, tokenizer: Any, n: int, seed: int, instru
     return units, {"instructions": instructions, "num_docs": n_docs, "docs_reused": reused}
 
 
+def gen_multi_instruction_long(texts: dict, tokenizer: Any, n: int, seed: int,
+                               instructions: int = 4, doc_tokens: int = 1200,
+                               **_: Any) -> tuple[list[Unit], dict]:
+    """Long documents (Wikipedia stand-in articles cut to ``doc_tokens`` tokens), each under k
+    instructions placed before it; stream shuffled. The prefill-bound variant of
+    multi-instruction: the shared document dominates every prompt."""
+    _need(1 <= instructions <= len(INSTRUCTIONS), f"--instructions must be in 1..{len(INSTRUCTIONS)}")
+    _need(doc_tokens >= 1, "--doc-tokens must be >= 1")
+    docs = []
+    for a in texts["wiki"]:
+        ids = tokenizer.encode(a.text, add_special_tokens=False)[:doc_tokens]
+        if ids:
+            docs.append(tokenizer.decode(ids).strip())
+    docs = list(dict.fromkeys(docs))
+    _need(bool(docs), "the Wikipedia stand-in has no usable articles")
+    rng = np.random.default_rng([seed, 7])
+    order, reused = _doc_order(docs, math.ceil(n / instructions), rng)
+    pairs = [(d, int(j)) for d in order for j in rng.choice(len(INSTRUCTIONS), instructions, replace=False)]
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))][:n]
+    lens = get_distribution("cnn_dailymail").sample(rng, len(pairs))
+    units = [[RawRequest(f"{INSTRUCTIONS[j]}\n\n{docs[d]}", lens[i], None,
+                         f"multi-instruction-long:doc{d}:instr{j}")] for i, (d, j) in enumerate(pairs)]
+    return units, {"instructions": instructions, "doc_tokens": doc_tokens,
+                   "num_docs": len(set(order)), "docs_reused": reused}
+
+
 def gen_multi_document(texts: dict, tokenizer: Any, n: int, seed: int, docs_per_prompt: int = 4,
                        num_docs: int = 40, **_: Any) -> tuple[list[Unit], dict]:
     """Each prompt: a header + m of n articles in random order."""
@@ -289,6 +315,9 @@ GENERATORS: dict[str, GeneratorInfo] = {
                                      "one L-token instruction template + a unique news article (prefix sharing)"),
     "multi-instruction": GeneratorInfo(gen_multi_instruction, ("news",),
                                        "each article under k instructions placed before it (shifted runs)"),
+    "multi-instruction-long": GeneratorInfo(
+        gen_multi_instruction_long, ("wiki",),
+        "each long Wikipedia article under k instructions placed before it (prefill-bound)"),
     "multi-document": GeneratorInfo(gen_multi_document, ("news",),
                                     "prompts concatenate m of n articles in varying order (RAG / multi-news)"),
     "syndication": GeneratorInfo(gen_syndication, ("news",),
