@@ -63,32 +63,3 @@ def test_no_hold_without_enough_shared_tokens_and_pins_are_released():
     assert pinned and stop < len(c.prompt_token_ids)
     state.finish("c")
     assert all(state.index.get(d).refs == 0 for d in pinned)
-
-
-def test_follower_waits_for_an_owner_prefilling_over_several_steps_and_never_forever():
-    state = SequenceState(block_size=B, bytes_per_token=8, store_bytes=10**8, k=32)
-    doc = _tokens(7, 800)
-    owner, follower = _req("o", _tokens(8, 30) + doc + [5]), _req("f", _tokens(9, 45) + doc + [6])
-    blocks = list(range(100, 130))
-    n = state.clip(owner, 0, 400)                          # step 1: first half of the owner
-    assert state.clip(follower, 0, 846) == 0
-    owner.num_computed_tokens = n
-    state.after_schedule(owner, n, blocks)
-    state.take_commands()
-    assert state.clip(follower, 0, 846) == 0               # step 2: owner still prefilling
-    n2 = state.clip(owner, n, len(owner.prompt_token_ids) - n)
-    owner.num_computed_tokens += n2
-    state.after_schedule(owner, n2, blocks)
-    state.take_commands()
-    assert state.held == 2 and not state.inflight          # owner passed all its chunks
-    state.clip(follower, 0, 846)                           # step 3: planned on the whole doc
-    # (the chunk straddling the owner's step boundary is not captured, so two runs)
-    # a one-step hold would see only the first half (< 400 tokens) captured
-    assert sum(i.num_tokens for i in state.plans["f"].injections) > 500
-    # An owner that is preempted releases its waiters.
-    late = _req("l", _tokens(10, 300) + [1])
-    waiter = _req("w", _tokens(11, 20) + late.prompt_token_ids)
-    state.clip(late, 0, 100)
-    assert state.clip(waiter, 0, 321) == 0
-    state.cancel("l")
-    assert state.clip(waiter, 0, 321) == 321

@@ -15,12 +15,11 @@ connector metadata, so worker and scheduler never disagree:
 * exact limit: a request's tokens before its first injection stop are exact. Only chunks
   and prefix-cache blocks below that limit are captured or registered: injected
   (approximate) KV and everything computed after it never enter either cache.
-* followers wait for their owner: a waiting request whose reusable chunks are still
-  being computed by an admitted request (the owner, possibly over several prefill steps)
-  is held back (``clip`` returns 0, which ends vLLM's admission loop for the step), then
-  planned against the captured chunks. An owner's in-flight digests are dropped as its
-  prefill passes them and when it is preempted or finishes, so the in-flight set always
-  drains and a held request waits at most for the owner's remaining prefill.
+* same-step followers: a waiting request whose reusable runs are being computed by a
+  request admitted earlier in the SAME step (their KV is captured during this step's
+  forward) is held back one step (``clip`` returns 0, which ends vLLM's admission loop
+  for the step), then planned against the captured chunks. In-flight digests are
+  forgotten at the end of every step, so a request waits at most one step per chance.
 * preemption cancels the request's remaining plan (full recompute from then on).
 * requests asking for prompt logprobs are not planned (as vLLM skips prefix-cache reads
   for them): injected positions have no logits. ``inject_prompt_logprobs`` overrides this
@@ -74,7 +73,7 @@ class SequenceState:
         self.chunk_args = chunk_args or {}
         self.index = DedupIndex(store_bytes, on_evict=self._on_evict)
         self.plans: dict[str, RequestPlan] = {}
-        self.inflight: dict[bytes, str] = {}  # chunk digest -> request computing it now
+        self.inflight: set[bytes] = set()   # chunks computed by requests admitted this step
         self.held = 0
         self.cmds = StepCommands()
         self.hits = 0
@@ -112,9 +111,8 @@ class SequenceState:
         if not self.inflight:
             return False
         prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
-        rid = request.request_id
         pending = sum(c.end - c.start for c in chunk_runs(prompt, **self.chunk_args)
-                      if c.start >= start and self.inflight.get(c.digest, rid) != rid
+                      if c.start >= start and c.digest in self.inflight
                       and c.digest not in self.index)
         return pending >= self.k + self.min_inject
 
@@ -127,9 +125,8 @@ class SequenceState:
             return 0
         p = self.plan(request, start)
         if first:
-            for c in p.chunks:
-                if c.start >= start and c.end <= p.exact_limit and c.digest not in self.index:
-                    self.inflight.setdefault(c.digest, request.request_id)
+            self.inflight.update(c.digest for c in p.chunks
+                                 if c.start >= start and c.end <= p.exact_limit)
         for inj in p.injections:
             if start < inj.stop < start + num_new:
                 return inj.stop - start
@@ -177,16 +174,6 @@ class SequenceState:
                                      (c.end - c.start) * self.bytes_per_token):
                     self.cmds.captures.append((c.digest, slots(c.start, c.end), c.start))
         p.captured_upto = done
-        self._drop_inflight(request.request_id, upto=done)
-
-    def _drop_inflight(self, request_id: str, upto: int | None = None) -> None:
-        """Forget what ``request_id`` owns in flight (below token ``upto``, or all)."""
-        p = self.plans.get(request_id)
-        if p is None:
-            return
-        for c in p.chunks:
-            if (upto is None or c.end <= upto) and self.inflight.get(c.digest) == request_id:
-                del self.inflight[c.digest]
 
     def stats(self) -> dict:
         st = self.index.stats()
@@ -195,8 +182,9 @@ class SequenceState:
                 "store_evictions": st["evictions"], "sequence_held": self.held}
 
     def take_commands(self) -> StepCommands:
-        """The step's worker commands."""
+        """The step's worker commands; also ends the step's in-flight window."""
         cmds, self.cmds = self.cmds, StepCommands()
+        self.inflight = set()
         return cmds
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -210,7 +198,6 @@ class SequenceState:
         """Preemption: drop the remaining plan; the request recomputes normally."""
         p = self.plans.get(request_id)
         if p is not None:
-            self._drop_inflight(request_id)
             self._unpin(p, list(p.pinned))
             p.injections, p.ready = [], None
             p.captured_upto = max(p.captured_upto, p.exact_limit)
