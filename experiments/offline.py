@@ -166,12 +166,12 @@ def run_offline(spec: dict) -> dict:
 
 
 def _shutdown(llm) -> None:
-    """Stop the engine core now (the process exits right after anyway)."""
+    """Stop the engine core now and remove its stats board (``vllm_ext.shutdown``); best
+    effort, the process exits right after anyway."""
+    import vllm_ext
+
     try:
-        eng = llm.llm_engine
-        core = getattr(eng, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        vllm_ext.shutdown(llm)
     except Exception:  # noqa: BLE001 - best effort; process exit cleans up the rest
         pass
 
