@@ -1,6 +1,7 @@
 """Command line: ``python -m experiments {run,summarize,list}``.
 
-    python -m experiments run CONFIG [--arms A B ..] [--out DIR] [--quick] [--reps N] [--dry-run]
+    python -m experiments run CONFIG [--arms A B ..] [--use-cases U ..] [--out DIR] [--quick]
+                                     [--reps N] [--dry-run]
     python -m experiments summarize OUT      # rebuild runs.parquet + summary.json, print the table
     python -m experiments list               # the configs under experiments/configs/
 
@@ -32,6 +33,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="results directory (default results/<name>[-quick])")
     r.add_argument("--quick", action="store_true",
                    help="apply the config's 'quick' overrides (quick.yaml is quick already)")
+    r.add_argument("--use-cases", nargs="+", metavar="USE_CASE",
+                   help="run only these workloads of the config (by use_case name)")
     r.add_argument("--reps", type=int, help="override the number of repetitions")
     r.add_argument("--dry-run", action="store_true", help="check inputs, list the runs, start nothing")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -58,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             print(runner.format_table(summary))
             return 0
         cfg = load_config(args.config, quick=args.quick, arms=args.arms)
+        if args.use_cases:
+            names = [w.use_case for w in cfg.workloads]
+            unknown = [u for u in args.use_cases if u not in names]
+            if unknown:
+                raise ConfigError(f"unknown use case(s) {', '.join(unknown)}; "
+                                  f"{args.config} has {', '.join(names)}")
+            cfg.workloads = [w for w in cfg.workloads if w.use_case in args.use_cases]
         if args.reps is not None:
             if args.reps < 1:
                 raise ConfigError("--reps must be >= 1")

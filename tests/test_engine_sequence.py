@@ -138,7 +138,8 @@ def test_follower_in_the_same_batch_reuses_the_document(engines, seq_trace):
     _greedy(llm, [first, follower])            # submitted together
     s1 = _stats(llm)
     # Whether both land in the same step depends on arrival timing; either way the
-    # follower must reuse the document (held one step if they did, see test_sequence_state).
+    # follower must reuse the document (held until the first has computed it, see
+    # test_sequence_state).
     assert s1["sequence_hits"] - s0["sequence_hits"] >= 1
     assert s1["sequence_tokens_reused"] - s0["sequence_tokens_reused"] >= 200
 

@@ -1,4 +1,4 @@
-"""SequenceState without an engine: planning, same-step holds, pins, exact limits."""
+"""SequenceState without an engine: planning, follower holds, pins, exact limits."""
 
 from __future__ import annotations
 
@@ -30,24 +30,50 @@ def _schedule(state, req, n):
     return n
 
 
-def test_same_step_follower_is_held_once_then_reuses():
+def test_follower_is_held_over_the_owners_prefill_then_reuses():
     state = SequenceState(block_size=B, bytes_per_token=8, store_bytes=10**8, k=32)
     doc = _tokens(1, 400)
     first, follower = _req("a", _tokens(2, 30) + doc + [5]), _req("b", _tokens(3, 45) + doc + [6])
-    # One step: vLLM admits (clips) both inside schedule(), then kvdedup post-processes.
-    n = state.clip(first, 0, len(first.prompt_token_ids))
-    assert n == len(first.prompt_token_ids)
-    assert state.clip(follower, 0, 476) == 0           # same step: wait for the capture
+    state.begin_step([])
+    # Step 1: the owner is admitted with a 200-token budget; its step ends on a chunk end.
+    n = _schedule(state, first, 200)
+    assert 0 < n <= 200 and n in {c.end for c in state.plans["a"].chunks}
+    assert state.should_hold(follower, 0)                 # same step: owner computes the doc
     assert state.held == 1
-    first.num_computed_tokens = n
-    state.after_schedule(first, n, list(range(100, 114)))
-    cmds = state.take_commands()                          # end of step
-    assert len(cmds.captures) > 3
-    n = state.clip(follower, 0, 476)                      # next step: planned, stops at run
+    assert state.take_commands().captures
+    # Step 2: the owner is still in its prefill: the follower keeps waiting (counted once).
+    state.begin_step([first])
+    assert state.should_hold(follower, 0) and state.held == 1
+    _schedule(state, first, 2048)
+    state.take_commands()
+    # Step 3: everything the owner computed is captured: the follower is planned.
+    state.begin_step([first])
+    assert not state.should_hold(follower, 0)
+    n = state.clip(follower, 0, 476)
     plan = state.plans["b"]
     assert plan.injections and n == plan.injections[0].stop
+    assert plan.injections[0].num_tokens > 300
     assert plan.exact_limit == plan.injections[0].stop
     assert state.exact_limit("b") == plan.exact_limit and state.exact_limit("a") is None
+
+
+def test_admission_that_cannot_fit_its_jump_is_refused_and_preemption_replans():
+    state = SequenceState(block_size=B, bytes_per_token=8, store_bytes=10**8, k=32)
+    doc = _tokens(7, 600)
+    owner = _req("a", _tokens(8, 20) + doc + [1])
+    _schedule(state, owner, 2048)
+    state.take_commands()
+    state.begin_step([])
+    f = _req("b", _tokens(9, 40) + doc + [2])
+    need = -(-(40 + 600) // B)
+    assert state.clip(f, 0, 500, free_blocks=need - 1) == 0
+    assert "b" not in state.plans                         # dropped: nothing stays pinned
+    assert all(state.index.get(d).refs == 0 for d in state.index)
+    stop = state.clip(f, 0, 500, free_blocks=need)
+    assert "b" in state.plans and stop == state.plans["b"].injections[0].stop
+    state.drop("b")                                      # preemption
+    assert "b" not in state.plans and all(state.index.get(d).refs == 0 for d in state.index)
+    assert state.clip(f, 0, 500) == stop                 # re-admission plans afresh
 
 
 def test_no_hold_without_enough_shared_tokens_and_pins_are_released():

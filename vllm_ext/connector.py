@@ -118,6 +118,7 @@ class DedupConnector(KVConnectorBase_V1):
         self._sequence = extra.get("mode") == "sequence"
         self._store = None
         self._pending: DedupConnectorMetadata | None = None
+        self.hold = None  # scheduler side, sequence mode: DedupScheduler sets it
         if self._sequence and role == KVConnectorRole.WORKER:
             from .kv_store import WorkerKVStore
             from .rope import RotaryParams
@@ -128,6 +129,11 @@ class DedupConnector(KVConnectorBase_V1):
 
     # scheduler side --------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        """No external tokens. Sequence mode: None (vLLM skips the request this step and
+        admits the ones behind it) while the request waits for another request to compute
+        its reusable chunks (``SequenceState.should_hold``, set as ``self.hold``)."""
+        if self.hold is not None and self.hold(request, num_computed_tokens):
+            return None, False
         return 0, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:

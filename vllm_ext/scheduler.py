@@ -12,11 +12,13 @@ vllm_ext.scheduler.DedupScheduler`` or ``LLM(scheduler_cls=...)``):
 * ``update_from_output``: after the step's finished requests free their blocks, records
   the step's ``StepStats`` and attaches it to the step's ``SchedulerStats`` as
   ``kv_connector_stats["kvdedup"]`` (read by vLLM's loggers through ``DedupConnector``).
-* ``_preempt_request``: counts preemptions (sequence mode: cancels the request's plan).
+* ``_preempt_request``: counts preemptions (sequence mode: drops the request's plan; it is
+  planned afresh when admitted again).
 * ``_free_request``: sequence mode forgets the request's plan.
 * ``_mamba_block_aligned_split`` (vLLM's per-request prefill-chunk clip, used upstream
   for Mamba state alignment): sequence mode turns it on for attention-only models and
-  clips a prefill at the request's next injection stop; before each step, a request
+  clips a prefill at the request's next injection stop (or, in the exact region, at a
+  content-defined chunk boundary); before each step, a request
   standing at a stop jumps over the injected run (``SequenceState.jump``), and the
   step's capture/inject/evict commands go to the worker in the connector metadata.
 
@@ -31,6 +33,7 @@ and only token verification keeps requests apart).
 from __future__ import annotations
 
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
 
 from .hasher import adopt_request, make_request_block_hasher
 from .kv_manager import VerifiedKVCacheManager
@@ -88,6 +91,7 @@ class DedupScheduler(Scheduler):
                 inject_prompt_logprobs=bool(settings.get("inject_prompt_logprobs", False)))
             self.need_mamba_block_aligned_split = True
             self.kv_cache_manager.cache_limit = self.sequence.exact_limit
+            self.connector.hold = self.sequence.should_hold
 
     def add_request(self, request) -> None:
         if self.verify_hits and request.request_id not in self.requests:
@@ -97,7 +101,7 @@ class DedupScheduler(Scheduler):
     def _preempt_request(self, request, *args, **kwargs) -> None:
         self._preemptions += 1
         if self.sequence is not None:
-            self.sequence.cancel(request.request_id)
+            self.sequence.drop(request.request_id)
         super()._preempt_request(request, *args, **kwargs)
 
     def _free_request(self, request, *args, **kwargs):
@@ -116,13 +120,16 @@ class DedupScheduler(Scheduler):
                  + num_external_computed_tokens)
         if start >= request.num_prompt_tokens:
             return num_new_tokens
-        return self.sequence.clip(request, start, num_new_tokens)
+        free = (self.kv_cache_manager.block_pool.get_num_free_blocks()
+                if request.status != RequestStatus.RUNNING else None)
+        return self.sequence.clip(request, start, num_new_tokens, free)
 
     def schedule(self, *args, **kwargs):
         seq = self.sequence
         if seq is not None:
             for request in self.running:
                 seq.jump(request)
+            seq.begin_step(self.running)
         out = super().schedule(*args, **kwargs)
         self._step += 1
         self._peak = self._occupancy()

@@ -15,12 +15,20 @@ connector metadata, so worker and scheduler never disagree:
 * exact limit: a request's tokens before its first injection stop are exact. Only chunks
   and prefix-cache blocks below that limit are captured or registered: injected
   (approximate) KV and everything computed after it never enter either cache.
-* same-step followers: a waiting request whose reusable runs are being computed by a
-  request admitted earlier in the SAME step (their KV is captured during this step's
-  forward) is held back one step (``clip`` returns 0, which ends vLLM's admission loop
-  for the step), then planned against the captured chunks. In-flight digests are
-  forgotten at the end of every step, so a request waits at most one step per chance.
-* preemption cancels the request's remaining plan (full recompute from then on).
+* followers wait for their owner: a fresh request whose reusable chunks (at least
+  ``k + min_inject`` tokens) are still to be computed exactly by a running request, or by
+  one admitted earlier in the same step, is *held*: ``should_hold`` answers vLLM's
+  connector query (``get_num_new_matched_tokens`` returns None), so vLLM skips it for
+  this step and goes on admitting the requests behind it. It is planned once the owner
+  has computed (and captured) those chunks. The claimed set is rebuilt from the running
+  requests every step, so a preempted or finished owner releases its followers.
+* memory: a request is admitted with an injection only if the free pool covers its
+  blocks up to the end of the first injected run (the jump allocates them at once);
+  otherwise admission stops for the step, as when vLLM's own allocation fails.
+* prefill chunks of the exact region end on content-defined chunk boundaries, so no
+  chunk is split between two steps (capture happens at KV-write time, per step).
+* preemption drops the request's plan; when it is admitted again it is planned afresh
+  against the store (its own chunks, captured before, are reusable then).
 * requests asking for prompt logprobs are not planned (as vLLM skips prefix-cache reads
   for them): injected positions have no logits. ``inject_prompt_logprobs`` overrides this
   for evaluation only (entries at injected positions are placeholders with token id -1;
@@ -73,8 +81,10 @@ class SequenceState:
         self.chunk_args = chunk_args or {}
         self.index = DedupIndex(store_bytes, on_evict=self._on_evict)
         self.plans: dict[str, RequestPlan] = {}
-        self.inflight: set[bytes] = set()   # chunks computed by requests admitted this step
-        self.held = 0
+        self.claimed: set[bytes] = set()   # chunks running requests will still capture
+        self.held_ids: set[str] = set()    # live requests held at least once
+        self.held = 0                      # requests held at least once (cumulative)
+        self._chunks: dict[str, list[Chunk]] = {}
         self.cmds = StepCommands()
         self.hits = 0
         self.tokens_reused = 0
@@ -90,7 +100,7 @@ class SequenceState:
         if p is not None:
             return p
         prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
-        chunks = chunk_runs(prompt, **self.chunk_args) if len(prompt) else []
+        chunks = self.chunks(request)
         sp = request.sampling_params
         wants_logprobs = sp is not None and sp.prompt_logprobs is not None
         inj = [] if wants_logprobs and not self.inject_prompt_logprobs else plan_injections(
@@ -105,31 +115,66 @@ class SequenceState:
         self.plans[request.request_id] = p
         return p
 
-    def _worth_waiting(self, request, start: int) -> bool:
-        """Would this not-yet-planned request reuse enough of what requests admitted earlier
-        in this step are computing now?"""
-        if not self.inflight:
-            return False
-        prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
-        pending = sum(c.end - c.start for c in chunk_runs(prompt, **self.chunk_args)
-                      if c.start >= start and c.digest in self.inflight
-                      and c.digest not in self.index)
-        return pending >= self.k + self.min_inject
+    def chunks(self, request) -> list[Chunk]:
+        """The request's content-defined chunks (computed once per request)."""
+        c = self._chunks.get(request.request_id)
+        if c is None:
+            prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
+            c = chunk_runs(prompt, **self.chunk_args) if len(prompt) else []
+            self._chunks[request.request_id] = c
+        return c
 
-    def clip(self, request, start: int, num_new: int) -> int:
-        """Cap a prefill chunk so it stops at the request's next injection stop (0: hold the
-        request back this step, see the module docstring)."""
-        first = request.request_id not in self.plans
-        if first and request.num_computed_tokens == 0 and self._worth_waiting(request, start):
+    def begin_step(self, running) -> None:
+        """Before vLLM schedules a step: claim the chunks running requests will still
+        compute exactly (and capture) in later steps."""
+        self.claimed = set()
+        for request in running:
+            p = self.plans.get(request.request_id)
+            if p is not None:
+                self._claim(p, p.captured_upto)
+
+    def _claim(self, p: RequestPlan, start: int) -> None:
+        self.claimed.update(c.digest for c in p.chunks if c.start >= start
+                            and c.end <= p.exact_limit and c.digest not in self.index)
+
+    def should_hold(self, request, start: int) -> bool:
+        """Should a fresh request wait for the requests that are computing its reusable
+        chunks (vLLM's connector query; see the module docstring)?"""
+        if not self.claimed or request.request_id in self.plans \
+                or request.num_computed_tokens != 0:
+            return False
+        pending = sum(c.end - c.start for c in self.chunks(request)
+                      if c.start >= start and c.digest in self.claimed
+                      and c.digest not in self.index)
+        if pending < self.k + self.min_inject:
+            return False
+        if request.request_id not in self.held_ids:
+            self.held_ids.add(request.request_id)
             self.held += 1
-            return 0
+        return True
+
+    def clip(self, request, start: int, num_new: int, free_blocks: int | None = None) -> int:
+        """Cap a prefill chunk so it stops at the request's next injection stop, or, in
+        the exact region, at a chunk boundary. Returns 0 (stop admitting this step) when a
+        new plan's first jump would not fit in ``free_blocks``."""
+        first = request.request_id not in self.plans
         p = self.plan(request, start)
         if first:
-            self.inflight.update(c.digest for c in p.chunks
-                                 if c.start >= start and c.end <= p.exact_limit)
+            if p.injections and free_blocks is not None:
+                B = self.block_size
+                need = -(-p.injections[0].end // B) - start // B
+                if need > free_blocks:
+                    self.drop(request.request_id)
+                    return 0
+            self._claim(p, start)
         for inj in p.injections:
             if start < inj.stop < start + num_new:
                 return inj.stop - start
+        end = start + num_new
+        if end < min(p.exact_limit, len(request.prompt_token_ids)):
+            # budget-cut step in the exact region: end it on a chunk boundary
+            cut = max((c.end for c in p.chunks if start < c.end <= end), default=end)
+            return cut - start
         return num_new
 
     def jump(self, request) -> None:
@@ -182,9 +227,8 @@ class SequenceState:
                 "store_evictions": st["evictions"], "sequence_held": self.held}
 
     def take_commands(self) -> StepCommands:
-        """The step's worker commands; also ends the step's in-flight window."""
+        """The step's worker commands."""
         cmds, self.cmds = self.cmds, StepCommands()
-        self.inflight = set()
         return cmds
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -194,17 +238,17 @@ class SequenceState:
                 p.pinned.remove(d)
                 self.index.release(d)
 
-    def cancel(self, request_id: str) -> None:
-        """Preemption: drop the remaining plan; the request recomputes normally."""
-        p = self.plans.get(request_id)
+    def drop(self, request_id: str) -> None:
+        """Forget the request's plan (preemption, finish, or an admission that did not
+        fit): pinned chunks are released; a later admission plans afresh."""
+        p = self.plans.pop(request_id, None)
         if p is not None:
             self._unpin(p, list(p.pinned))
-            p.injections, p.ready = [], None
-            p.captured_upto = max(p.captured_upto, p.exact_limit)
 
     def finish(self, request_id: str) -> None:
-        self.cancel(request_id)
-        self.plans.pop(request_id, None)
+        self.drop(request_id)
+        self._chunks.pop(request_id, None)
+        self.held_ids.discard(request_id)
 
     def exact_limit(self, request_id: str) -> int | None:
         """Tokens of the request that may enter the exact prefix cache (None: all)."""
