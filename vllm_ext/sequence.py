@@ -22,9 +22,11 @@ connector metadata, so worker and scheduler never disagree:
   this step and goes on admitting the requests behind it. It is planned once the owner
   has computed (and captured) those chunks. The claimed set is rebuilt from the running
   requests every step, so a preempted or finished owner releases its followers.
-* memory: a request is admitted with an injection only if the free pool covers its
-  blocks up to the end of the first injected run (the jump allocates them at once);
-  otherwise admission stops for the step, as when vLLM's own allocation fails.
+* memory: a request is admitted with an injection only if the free pool, less the blocks
+  reserved for pending jumps and one block per running request (decode growth), covers
+  its blocks up to the end of its first injected run (the jump allocates them at once);
+  otherwise admission stops for the step, as when vLLM's own allocation fails. Without
+  this, jumps preempt running requests (measured: 62 preemptions vs 3 for stock vLLM).
 * prefill chunks of the exact region end on content-defined chunk boundaries, so no
   chunk is split between two steps (capture happens at KV-write time, per step).
 * preemption drops the request's plan; when it is admitted again it is planned afresh
@@ -82,6 +84,7 @@ class SequenceState:
         self.index = DedupIndex(store_bytes, on_evict=self._on_evict)
         self.plans: dict[str, RequestPlan] = {}
         self.claimed: set[bytes] = set()   # chunks running requests will still capture
+        self.reserved = 0                  # blocks promised to pending jumps (this step)
         self.held_ids: set[str] = set()    # live requests held at least once
         self.held = 0                      # requests held at least once (cumulative)
         self._chunks: dict[str, list[Chunk]] = {}
@@ -126,12 +129,18 @@ class SequenceState:
 
     def begin_step(self, running) -> None:
         """Before vLLM schedules a step: claim the chunks running requests will still
-        compute exactly (and capture) in later steps."""
+        compute exactly (and capture) in later steps, and reserve the blocks their
+        pending jumps will allocate, plus one block per running request for decode."""
         self.claimed = set()
+        B = self.block_size
+        self.reserved = len(running)
         for request in running:
             p = self.plans.get(request.request_id)
             if p is not None:
                 self._claim(p, p.captured_upto)
+                if p.injections and p.ready is None:
+                    held = -(-request.num_computed_tokens // B)
+                    self.reserved += max(0, -(-p.injections[0].end // B) - held)
 
     def _claim(self, p: RequestPlan, start: int) -> None:
         self.claimed.update(c.digest for c in p.chunks if c.start >= start
@@ -156,16 +165,18 @@ class SequenceState:
     def clip(self, request, start: int, num_new: int, free_blocks: int | None = None) -> int:
         """Cap a prefill chunk so it stops at the request's next injection stop, or, in
         the exact region, at a chunk boundary. Returns 0 (stop admitting this step) when a
-        new plan's first jump would not fit in ``free_blocks``."""
+        new plan's first jump would not fit in ``free_blocks`` less the blocks reserved for
+        the jumps of requests admitted before (``begin_step``)."""
         first = request.request_id not in self.plans
         p = self.plan(request, start)
         if first:
             if p.injections and free_blocks is not None:
                 B = self.block_size
                 need = -(-p.injections[0].end // B) - start // B
-                if need > free_blocks:
+                if need > free_blocks - self.reserved:
                     self.drop(request.request_id)
                     return 0
+                self.reserved += need
             self._claim(p, start)
         for inj in p.injections:
             if start < inj.stop < start + num_new:
@@ -210,12 +221,13 @@ class SequenceState:
             return
         lo = request.num_computed_tokens - num_scheduled
         src = request.request_id
-        for c in p.chunks:
+        for i, c in enumerate(p.chunks):
             if c.start < p.captured_upto or c.end > done:
                 continue
             if c.start >= lo and c.digest not in self.index:
                 toks = np.asarray(request.prompt_token_ids[c.start:c.end], dtype=np.int64)
-                if self.index.insert(c.digest, toks, ChunkSource(src, c.start),
+                prev = p.chunks[i - 1].digest if i else None
+                if self.index.insert(c.digest, toks, ChunkSource(src, c.start, prev),
                                      (c.end - c.start) * self.bytes_per_token):
                     self.cmds.captures.append((c.digest, slots(c.start, c.end), c.start))
         p.captured_upto = done
