@@ -53,7 +53,9 @@ class StepStats:
     store_bytes: int = 0             # KV bytes held by the sequence store
     store_entries: int = 0
     store_evictions: int = 0
-    sequence_held: int = 0           # admissions delayed one step to reuse a same-step run
+    sequence_held: int = 0           # requests that waited for another to compute their runs
+    scheduled_tokens: int = 0        # tokens computed by the model (prefill + decode)
+    prefill_tokens: int = 0          # prompt tokens computed (not hit, not injected)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +63,8 @@ class StepStats:
 
 FIELDS = [f.name for f in fields(StepStats)]
 COUNTERS = ("prefix_queries", "prefix_hits", "verified_hits", "collisions", "preemptions",
-            "sequence_hits", "sequence_tokens_reused", "store_evictions")
+            "sequence_hits", "sequence_tokens_reused", "store_evictions", "sequence_held",
+            "scheduled_tokens", "prefill_tokens")
 
 
 class StatsBoard:

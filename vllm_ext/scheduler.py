@@ -74,6 +74,7 @@ class DedupScheduler(Scheduler):
         self._bytes_per_block = self.kv_cache_manager.bytes_per_block
         self._step = 0
         self._preemptions = 0
+        self._scheduled = self._prefill = 0  # tokens computed: all, prompt only
         self.recorder = StepRecorder(settings.get("board"), settings.get("trace"))
         self._peak = (0, 0)  # (logical, physical) right after allocation, this step
         self.sequence: SequenceState | None = None
@@ -133,6 +134,11 @@ class DedupScheduler(Scheduler):
         out = super().schedule(*args, **kwargs)
         self._step += 1
         self._peak = self._occupancy()
+        for rid, n in out.num_scheduled_tokens.items():
+            r = self.requests[rid]
+            self._scheduled += n
+            self._prefill += max(0, min(r.num_computed_tokens, r.num_prompt_tokens)
+                                 - (r.num_computed_tokens - n))
         if seq is not None:
             mgr = self.kv_cache_manager
             for rid, n in out.num_scheduled_tokens.items():
@@ -175,7 +181,8 @@ class DedupScheduler(Scheduler):
             bytes_saved=max(logical - physical, 0) * self._bytes_per_block,
             prefix_queries=c.prefix_queries, prefix_hits=c.prefix_hits,
             verified_hits=c.verified_hits, collisions=c.collisions,
-            preemptions=self._preemptions,
+            preemptions=self._preemptions, scheduled_tokens=self._scheduled,
+            prefill_tokens=self._prefill,
             **(self.sequence.stats() if self.sequence else {}))
 
     def shutdown(self) -> None:
