@@ -27,6 +27,7 @@ from analysis import AnalysisError
 from analysis import figures as F
 from analysis.audit import find_workload_meta
 from analysis.results import ARMS, BASELINE_ARM, ENV_KEYS, ResultSet, load_results, load_trace
+from analysis.timesplit import amdahl_bounds, split_table
 
 __all__ = [
     "OFFLINE_METRICS",
@@ -137,6 +138,15 @@ class CheckItem:
     name: str
     ok: bool
     detail: str
+
+
+def _md_frame(df: pd.DataFrame) -> str:
+    """A plain markdown table of a DataFrame (cells through ``_fmt``)."""
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(v if isinstance(v, str) else _fmt(v) for v in row) + " |"
+            for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
 
 
 def _cell_key(r: dict) -> tuple:
@@ -442,6 +452,17 @@ def build_report(
         t = summary_table(on, ONLINE_KEYS, ONLINE_METRICS)
         t.to_csv(tab_dir / "online_summary.csv", index=False)
         tables.append(("Online runs", _md_summary(t, ONLINE_KEYS, ONLINE_METRICS)))
+
+    split = split_table(rs)
+    if not split.empty:
+        split.to_csv(tab_dir / "time_split.csv", index=False)
+        bounds = amdahl_bounds(split)
+        tables.append(("Where the time goes (offline step traces)",
+                       _md_frame(split.round(3))))
+        if not bounds.empty:
+            bounds.to_csv(tab_dir / "sequence_bounds.csv", index=False)
+            tables.append(("Sequence mode: f, 1/(1-f) and the decode-aware bound "
+                           "(see analysis/timesplit.py)", _md_frame(bounds)))
 
     checklist = evaluation_checklist(rs, figs.kinds)
     pd.DataFrame([c.__dict__ for c in checklist]).to_csv(tab_dir / "checklist.csv", index=False)

@@ -159,6 +159,8 @@ TRACE_FIELDS = (
     "dedup_ratio", "bytes_saved", "prefix_queries", "prefix_hits", "verified_hits",
     "collisions", "preemptions",
 )
+#: Trace fields added later (kept when present; older traces lack them).
+OPTIONAL_TRACE_FIELDS = ("scheduled_tokens", "prefill_tokens", "sequence_tokens_reused")
 _ENUMS = {"kind": KINDS, "arm": ARMS, "status": STATUSES}
 ENV_KEYS = ("versions", "cpu", "git_commit", "threads")
 
@@ -238,7 +240,8 @@ def load_run(path: Path) -> dict:
 
 
 def load_trace(path: Path) -> pd.DataFrame:
-    """Read a step trace JSONL into a DataFrame (columns: TRACE_FIELDS)."""
+    """Read a step trace JSONL into a DataFrame (columns: TRACE_FIELDS, plus those
+    OPTIONAL_TRACE_FIELDS every line has)."""
     if not path.is_file():
         raise AnalysisError(f"trace file not found: {path}")
     rows = []
@@ -255,10 +258,12 @@ def load_trace(path: Path) -> pd.DataFrame:
             missing = [k for k in TRACE_FIELDS if k not in obj]
             if missing:
                 raise AnalysisError(f"{path}:{lineno}: missing fields: {', '.join(missing)}")
-            rows.append({k: obj[k] for k in TRACE_FIELDS})
+            rows.append({k: obj[k] for k in (*TRACE_FIELDS, *OPTIONAL_TRACE_FIELDS)
+                         if k in obj})
     if not rows:
         raise AnalysisError(f"trace file {path} is empty")
-    return pd.DataFrame(rows, columns=list(TRACE_FIELDS))
+    extra = [k for k in OPTIONAL_TRACE_FIELDS if all(k in r for r in rows)]
+    return pd.DataFrame(rows, columns=[*TRACE_FIELDS, *extra])
 
 
 def resolve_workload(workload_file: str, root: Path) -> Path | None:

@@ -1,0 +1,38 @@
+"""analysis.timesplit: prefill vs decode step time from a trace, and the decode-aware bound."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from analysis.timesplit import amdahl_bounds, split_trace
+
+
+def _trace(steps):
+    """steps: (seconds, prompt tokens, all tokens) per step -> cumulative trace frame."""
+    t = p = s = 0
+    rows = []
+    for i, (dt, dp, ds) in enumerate(steps):
+        t, p, s = t + dt, p + dp, s + ds
+        rows.append({"step": i, "time": t, "prefill_tokens": p, "scheduled_tokens": s})
+    return pd.DataFrame(rows)
+
+
+def test_split_counts_steps_with_prompt_tokens_as_prefill():
+    sp = split_trace(_trace([(0.0, 0, 0), (3.0, 2000, 2000), (2.0, 500, 510),
+                             (0.5, 0, 10), (0.5, 0, 10)]))
+    assert sp == {"prefill_step_s": 5.0, "decode_step_s": 1.0,
+                  "prefill_tokens": 2500, "decode_tokens": 30}
+    assert split_trace(pd.DataFrame({"time": [0.0, 1.0]})) is None  # old trace: no counters
+
+
+def test_decode_aware_bound_leaves_decode_time_alone():
+    table = pd.DataFrame([
+        {"use_case": "u", "arm": "vllm-apc", "prefill_step_s": 90.0, "decode_step_s": 10.0,
+         "reused_fraction": 0.0},
+        {"use_case": "u", "arm": "sequence", "prefill_step_s": 30.0, "decode_step_s": 10.0,
+         "reused_fraction": 0.75},
+    ])
+    (row,) = amdahl_bounds(table).to_dict("records")
+    assert row["limit_1_over_1_minus_f"] == 4.0
+    assert row["decode_aware_bound"] == pytest.approx(100 / (90 * 0.25 + 10), abs=1e-3)
