@@ -5,7 +5,8 @@ Owned by ``DedupScheduler`` (engine-core process). The KV itself lives in the wo
 connector metadata, so worker and scheduler never disagree:
 
 * store index: a ``DedupIndex`` of chunk digest -> ``ChunkSource`` with each chunk's KV
-  size; its LRU eviction under ``store_bytes`` decides what the worker drops. Admission
+  size. Digests are salted with the request's tenant key (``cache_salt`` and LoRA name,
+  as for prefix blocks), so a tenant never reuses, or learns of, another tenant's KV; its LRU eviction under ``store_bytes`` decides what the worker drops. Admission
   policy: store on first sighting (every exactly computed chunk of a prompt is captured
   while there is room); a chunk is useful as soon as a second request contains it, and
   LRU drops chunks that never recur.
@@ -46,6 +47,8 @@ import numpy as np
 from dedup.hashing import Chunk, chunk_runs
 from dedup.index import DedupIndex
 from dedup.planner import ChunkSource, Injection, plan_injections
+
+from .hasher import tenant_key
 
 
 @dataclass
@@ -123,7 +126,8 @@ class SequenceState:
         c = self._chunks.get(request.request_id)
         if c is None:
             prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
-            c = chunk_runs(prompt, **self.chunk_args) if len(prompt) else []
+            c = chunk_runs(prompt, salt=tenant_key(request), **self.chunk_args) \
+                if len(prompt) else []
             self._chunks[request.request_id] = c
         return c
 
