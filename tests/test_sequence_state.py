@@ -11,9 +11,10 @@ from vllm_ext.sequence import SequenceState
 B = 32
 
 
-def _req(rid, tokens):
+def _req(rid, tokens, salt=None):
     return SimpleNamespace(request_id=rid, prompt_token_ids=tokens, num_computed_tokens=0,
-                           sampling_params=SimpleNamespace(prompt_logprobs=None))
+                           sampling_params=SimpleNamespace(prompt_logprobs=None),
+                           cache_salt=salt, lora_request=None)
 
 
 def _tokens(seed, n):
@@ -89,3 +90,18 @@ def test_no_hold_without_enough_shared_tokens_and_pins_are_released():
     assert pinned and stop < len(c.prompt_token_ids)
     state.finish("c")
     assert all(state.index.get(d).refs == 0 for d in pinned)
+
+
+def test_tenants_never_reuse_each_others_runs():
+    state = SequenceState(block_size=B, bytes_per_token=8, store_bytes=10**8, k=0)
+    doc = _tokens(11, 500)
+    _schedule(state, _req("a", _tokens(12, 20) + doc + [1], salt="tenant-a"), 2048)
+    state.take_commands()
+    state.begin_step([])
+    other = _req("b", _tokens(13, 30) + doc + [2], salt="tenant-b")
+    assert not state.should_hold(other, 0)
+    state.clip(other, 0, 531)
+    assert state.plans["b"].injections == []
+    same = _req("c", _tokens(14, 30) + doc + [3], salt="tenant-a")
+    state.clip(same, 0, 531)
+    assert state.plans["c"].injections
