@@ -25,7 +25,8 @@ from typing import Any
 WARMUP_TOKENS = 40
 WARMUP_OUTPUT = 4
 COUNTERS = ("prefix_queries", "prefix_hits", "verified_hits", "collisions", "preemptions",
-            "sequence_hits", "sequence_tokens_reused")
+            "sequence_hits", "sequence_tokens_reused", "sequence_held", "scheduled_tokens",
+            "prefill_tokens")
 TRACE_KEYS = ("step", "time", "num_running", "num_waiting", "logical_blocks", "physical_blocks",
               "peak_physical_blocks", "peak_logical_blocks", "dedup_ratio", "bytes_saved",
               *COUNTERS)
