@@ -86,26 +86,3 @@ def test_chunk_straddling_an_exact_prefix_hit_stays_in_its_run():
     (inj0,) = plan_injections(DOC, chunks, idx, start=70, max_end=199, k=0, min_inject=8)
     assert inj0.stop == 71 and inj0.pieces[0].offset == 21
 
-
-def test_run_extends_back_over_the_tail_of_the_sources_previous_chunk():
-    idx = DedupIndex(10**6)
-    src = [1] * 30 + DOC
-    cuts = [50, 100, 150, 200]  # source chunks: [0,50) holds 20 DOC tokens after the seam
-    chunks = _chunks(src, cuts)
-    for a, b in zip(chunks, chunks[1:]):
-        idx.insert(b.digest, np.asarray(src[b.start:b.end]), ChunkSource("A", b.start, a.digest), 1)
-    idx.insert(chunks[0].digest, np.asarray(src[:50]), ChunkSource("A", 0), 1)
-    new = [9] * 70 + DOC[:20] + DOC[20:]      # the same document after a different prefix
-    new_chunks = _chunks(new, [60, 90, 140, 190, 240])  # [60, 90) is the seam chunk
-    (inj,) = plan_injections(new, new_chunks, idx, start=0, max_end=len(new) - 1, k=0,
-                             min_inject=8)
-    # 20 document tokens before the first matching chunk [90, 140) join the run ...
-    assert inj.run_start == 70 and inj.stop == 70
-    assert inj.pieces[0].digest == chunks[0].digest and inj.pieces[0].offset == 30
-    assert (inj.pieces[0].length, inj.pieces[0].src) == (20, 30)
-    assert all(p.dst - p.src == 40 for p in inj.pieces)
-    # ... and stops at the first token that differs.
-    new2 = [9] * 70 + [5] + DOC[1:]         # first document token differs
-    (inj2,) = plan_injections(new2, new_chunks, idx, start=0, max_end=len(new) - 1, k=0,
-                              min_inject=8)
-    assert inj2.run_start == 71

@@ -227,13 +227,12 @@ class SequenceState:
             return
         lo = request.num_computed_tokens - num_scheduled
         src = request.request_id
-        for i, c in enumerate(p.chunks):
+        for c in p.chunks:
             if c.start < p.captured_upto or c.end > done:
                 continue
             if c.start >= lo and c.digest not in self.index:
                 toks = np.asarray(request.prompt_token_ids[c.start:c.end], dtype=np.int64)
-                prev = p.chunks[i - 1].digest if i else None
-                if self.index.insert(c.digest, toks, ChunkSource(src, c.start, prev),
+                if self.index.insert(c.digest, toks, ChunkSource(src, c.start),
                                      (c.end - c.start) * self.bytes_per_token):
                     self.cmds.captures.append((c.digest, slots(c.start, c.end), c.start))
         p.captured_upto = done
