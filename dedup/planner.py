@@ -107,4 +107,3 @@ def plan_injections(tokens: Sequence[int] | np.ndarray, chunks: Sequence[Chunk],
             inj.pieces.append(Piece(c.digest, off, hi - lo, lo, src.start + off))
         out.append(inj)
     return out
-

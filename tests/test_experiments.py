@@ -81,9 +81,24 @@ def test_bad_inputs_exit_2_without_engine(tmp_path, workload, capsys, monkeypatc
     cfg4 = write_cfg(tmp_path, workload, num_requests=[99])
     assert cli_main(["run", str(cfg4), "--out", str(tmp_path / "o")]) == 2
     assert "num_requests 99" in capsys.readouterr().err
+    # unknown use case
+    assert cli_main(["run", str(cfg), "--use-cases", "nope", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error: unknown use case(s) nope" in err and "has shared-template" in err
     # missing config
     assert cli_main(["run", str(tmp_path / "missing.yaml")]) == 2
     assert started == [] and not (tmp_path / "o" / "runs").exists()
+
+
+def test_use_cases_selects_workloads(tmp_path, workload, capsys):
+    cfg = write_cfg(tmp_path, workload, workloads=[
+        {"use_case": "shared-template", "file": str(workload)},
+        {"use_case": "copy", "file": str(workload)}])
+    assert cli_main(["run", str(cfg), "--use-cases", "copy", "--dry-run",
+                     "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr()
+    listed = out.out + out.err
+    assert "offline_copy_" in listed and "shared-template" not in listed
 
 
 def test_crashed_run_is_recorded_and_sweep_goes_on(tmp_path, workload, capsys, monkeypatch):

@@ -6,7 +6,8 @@ connector metadata, so worker and scheduler never disagree:
 
 * store index: a ``DedupIndex`` of chunk digest -> ``ChunkSource`` with each chunk's KV
   size. Digests are salted with the request's tenant key (``cache_salt`` and LoRA name,
-  as for prefix blocks), so a tenant never reuses, or learns of, another tenant's KV; its LRU eviction under ``store_bytes`` decides what the worker drops. Admission
+  as for prefix blocks), so a tenant never reuses, or learns of, another tenant's KV.
+  LRU eviction under ``store_bytes`` decides what the worker drops. Admission
   policy: store on first sighting (every exactly computed chunk of a prompt is captured
   while there is room); a chunk is useful as soon as a second request contains it, and
   LRU drops chunks that never recur.
