@@ -52,6 +52,17 @@ def test_rerotation_accepts_per_token_deltas(tiny_hf):
     assert torch.allclose(rerotate(rerotate(k, 7, params), -7, params), k, atol=1e-5)
 
 
+def test_rerotation_of_all_layers_at_once_matches_layer_by_layer(tiny_hf):
+    """The store re-rotates ``[layers, n, heads, head_dim]`` in one call."""
+    params = RotaryParams.from_hf_config(tiny_hf.config)
+    k = torch.randn(3, 6, 2, params.head_dim)
+    d = torch.tensor([5, 5, 5, -2, -2, 0])
+    out = rerotate(k, d, params)
+    for layer in range(3):
+        assert torch.equal(out[layer], rerotate(k[layer], d, params))
+    assert torch.equal(out[:, 5], k[:, 5])  # a zero delta leaves keys bit-identical
+
+
 def test_smollm2_theta_is_read_from_the_config():
     from transformers import LlamaConfig
 

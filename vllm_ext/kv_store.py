@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from .rope import RotaryParams, rerotate
+from .rope import RotaryParams, rotate, rotation
 
 
 logger = logging.getLogger("kvdedup")
@@ -32,12 +32,17 @@ DEBUG = os.environ.get("KVDEDUP_DEBUG") == "1"
 
 
 class WorkerKVStore:
+    """Chunk digest -> KV of every attention layer, as two tensors ``[layers, tokens,
+    kv_heads, head_dim]`` (keys post-RoPE at the chunk's original positions, values).
+    Captures write straight into the chunk's tensor, one layer slice per KV write."""
+
     def __init__(self, rotary: RotaryParams) -> None:
         self.rotary = rotary
         self.layers: dict[str, torch.nn.Module] = {}
+        self._index: dict[str, int] = {}
         self._orig: dict[str, object] = {}
-        self.k: dict[bytes, dict[str, torch.Tensor]] = {}
-        self.v: dict[bytes, dict[str, torch.Tensor]] = {}
+        self.k: dict[bytes, torch.Tensor] = {}
+        self.v: dict[bytes, torch.Tensor] = {}
         self._captures: list[tuple[bytes, torch.Tensor]] = []
         self._rows: dict[int, torch.Tensor] = {}
 
@@ -48,6 +53,7 @@ class WorkerKVStore:
             if impl is None or not hasattr(impl, "do_kv_cache_update") or name in self._orig:
                 continue
             orig = impl.do_kv_cache_update
+            self._index[name] = len(self.layers)
             self.layers[name], self._orig[name] = layer, orig
 
             def write(lyr, key, value, kv_cache, slot_mapping, _name=name, _orig=orig):
@@ -70,8 +76,9 @@ class WorkerKVStore:
         for slots, pieces in injects:
             self._inject(slots, pieces)
         self._captures = [(d, torch.as_tensor(s, dtype=torch.long)) for d, s, _ in captures]
-        for d, _ in self._captures:
-            self.k[d], self.v[d] = {}, {}
+        for d, _ in self._captures:  # allocated at the first layer's write (shape, dtype)
+            self.k.pop(d, None)
+            self.v.pop(d, None)
         self._rows = {}
 
     def _rows_for(self, slot_mapping: torch.Tensor) -> torch.Tensor:
@@ -88,26 +95,42 @@ class WorkerKVStore:
 
     def _capture(self, name, key, value, slot_mapping) -> None:
         inv = self._rows_for(slot_mapping)
+        layer = self._index[name]
         for digest, slots in self._captures:
             rows = inv[slots.clamp(max=inv.numel() - 1)]
             if (rows < 0).any() or (slots >= inv.numel()).any():
                 raise RuntimeError("kvdedup: a planned capture's tokens are not in this step")
             rows = rows.to(key.device)
-            self.k[digest][name] = key.index_select(0, rows).clone()
-            self.v[digest][name] = value.index_select(0, rows).clone()
+            if digest not in self.k:
+                shape = (len(self.layers), len(slots), *key.shape[1:])
+                self.k[digest] = key.new_empty(shape)
+                self.v[digest] = value.new_empty((shape[0], shape[1], *value.shape[1:]))
+            torch.index_select(key, 0, rows, out=self.k[digest][layer])
+            torch.index_select(value, 0, rows, out=self.v[digest][layer])
 
     def _inject(self, slots: list[int], pieces) -> None:
-        slot_t = None
+        """Write the pieces ``(digest, offset, length, delta)`` into ``slots`` (in order),
+        keys re-rotated by each piece's position delta, through every layer's own write.
+        Layer by layer into reused buffers: whole-model temporaries of ~25 MB cost more
+        in page faults than the arithmetic (measured 2.5x slower)."""
+        first = self.k[pieces[0][0]]
+        n_tok = sum(n for _, _, n, _ in pieces)
+        kbuf = first.new_empty((n_tok, *first.shape[2:]))
+        vbuf = self.v[pieces[0][0]].new_empty((n_tok, *self.v[pieces[0][0]].shape[2:]))
+        cos = sin = rot = None
+        if any(delta for *_, delta in pieces):
+            cos, sin = rotation(torch.cat([torch.full((n,), dl, dtype=torch.long)
+                                           for _, _, n, dl in pieces]), n_tok, self.rotary)
+            rot = torch.empty(kbuf.shape, dtype=torch.float32)
+        slot_t = torch.as_tensor(slots, dtype=torch.long, device=first.device)
         for name, layer in self.layers.items():
-            ks, vs = [], []
-            for digest, offset, length, delta in pieces:
-                k = self.k[digest][name][offset:offset + length]
-                ks.append(rerotate(k, delta, self.rotary) if delta else k)
-                vs.append(self.v[digest][name][offset:offset + length])
-            k, v = torch.cat(ks), torch.cat(vs)
-            if slot_t is None:
-                slot_t = torch.as_tensor(slots, dtype=torch.long, device=k.device)
-            self._orig[name](layer, k, v, layer.kv_cache, slot_t)
+            i = self._index[name]
+            torch.cat([self.k[d][i, o:o + n] for d, o, n, _ in pieces], out=kbuf)
+            torch.cat([self.v[d][i, o:o + n] for d, o, n, _ in pieces], out=vbuf)
+            k = kbuf
+            if rot is not None:
+                k = rotate(kbuf.to(torch.float32), cos, sin, out=rot).to(kbuf.dtype)
+            self._orig[name](layer, k, vbuf, layer.kv_cache, slot_t)
 
     def end_step(self) -> None:
         self._captures, self._rows = [], {}

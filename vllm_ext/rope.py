@@ -54,19 +54,34 @@ class RotaryParams:
         return 1.0 / (self.theta ** (i / self.head_dim))
 
 
-def rerotate(keys: torch.Tensor, delta: torch.Tensor | int, params: RotaryParams) -> torch.Tensor:
-    """Keys ``[n, heads, head_dim]`` rotated at positions p, returned as if rotated at
-    p + delta (``delta``: an int or ``[n]`` integer tensor). Computed in float64 for the
-    angle, float32 for the product, returned in ``keys.dtype``."""
-    n = keys.shape[0]
+def rotation(delta: torch.Tensor | int, n: int, params: RotaryParams):
+    """``(cos, sin)``, each ``[n, 1, head_dim/2]`` float32, of the angle ``delta *
+    inv_freq`` (computed in float64) for ``n`` tokens (``delta``: an int or ``[n]``)."""
     d = torch.as_tensor(delta, dtype=torch.float64).reshape(-1)
     if d.numel() == 1:
         d = d.expand(n)
     angle = d[:, None] * params.inv_freq()[None, :]           # [n, head_dim/2]
-    cos = torch.cos(angle).to(torch.float32)[:, None, :]
-    sin = torch.sin(angle).to(torch.float32)[:, None, :]
-    k = keys.to(torch.float32)
-    half = params.head_dim // 2
-    x1, x2 = k[..., :half], k[..., half:]
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(keys.dtype)
+    return (torch.cos(angle).to(torch.float32)[:, None, :],
+            torch.sin(angle).to(torch.float32)[:, None, :])
+
+
+def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 keys ``[..., n, heads, head_dim]`` turned by ``(cos, sin)`` (neox pairs
+    ``(x_i, x_{i + half})``), written into ``out`` (float32, same shape) when given."""
+    half = keys.shape[-1] // 2
+    x1, x2 = keys[..., :half], keys[..., half:]
+    if out is None:
+        out = torch.empty_like(keys)
+    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin)
+    return out
+
+
+def rerotate(keys: torch.Tensor, delta: torch.Tensor | int, params: RotaryParams) -> torch.Tensor:
+    """Keys ``[..., n, heads, head_dim]`` rotated at positions p, returned as if rotated
+    at p + delta (``delta``: an int or ``[n]`` integer tensor; leading dims, e.g. layers,
+    share it). Float64 angle, float32 product, returned in ``keys.dtype``. A zero delta
+    returns the keys unchanged (cos 0 = 1, sin 0 = 0)."""
+    cos, sin = rotation(delta, keys.shape[-3], params)
+    return rotate(keys.to(torch.float32), cos, sin).to(keys.dtype)
