@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_ext.metrics import COUNTERS  # the cumulative step counters (a numpy-only module)
+
 WARMUP_TOKENS = 40
 WARMUP_OUTPUT = 4
-COUNTERS = ("prefix_queries", "prefix_hits", "verified_hits", "collisions", "preemptions",
-            "sequence_hits", "sequence_tokens_reused", "sequence_held", "scheduled_tokens",
-            "prefill_tokens")
 TRACE_KEYS = ("step", "time", "num_running", "num_waiting", "logical_blocks", "physical_blocks",
               "peak_physical_blocks", "peak_logical_blocks", "dedup_ratio", "bytes_saved",
               *COUNTERS)
