@@ -27,6 +27,7 @@ from analysis import AnalysisError
 from analysis import figures as F
 from analysis.audit import find_workload_meta
 from analysis.results import ARMS, BASELINE_ARM, ENV_KEYS, ResultSet, load_results, load_trace
+from analysis.repeats import repeat_table
 from analysis.timesplit import amdahl_bounds, split_table
 
 __all__ = [
@@ -420,6 +421,18 @@ def _make_figures(rs: ResultSet, fig_dir: Path) -> _Figures:
     return figs
 
 
+def _sources(path: Path | None) -> list[str | None] | None:
+    """The ``source`` of each request of a workload file (None when it is unreadable)."""
+    if path is None:
+        return None
+    from analysis.audit import read_workload
+
+    try:
+        return [getattr(r, "source", None) for r in read_workload(path)]
+    except AnalysisError:
+        return None
+
+
 def build_report(
     results: str | Path,
     out_dir: str | Path | None = None,
@@ -452,6 +465,13 @@ def build_report(
         t = summary_table(on, ONLINE_KEYS, ONLINE_METRICS)
         t.to_csv(tab_dir / "online_summary.csv", index=False)
         tables.append(("Online runs", _md_summary(t, ONLINE_KEYS, ONLINE_METRICS)))
+
+    rep = repeat_table([r for r in rs.ok_runs if r["kind"] == "online"],
+                       lambda r: _sources(rs.workloads.get(r["workload_file"])))
+    if not rep.empty and set(rep["label"]) - {"unknown"}:
+        rep.to_csv(tab_dir / "online_repeats.csv", index=False)
+        tables.append(("Online latency: first occurrences vs repeats (see analysis/repeats.py)",
+                       _md_frame(rep.round(1))))
 
     split = split_table(rs)
     if not split.empty:

@@ -34,7 +34,9 @@ Online metrics (scope ``online``)
     names), mean_normalized_latency_s, p95_normalized_latency_s (E2E latency /
     output tokens, s/token), goodput (req/s meeting the SLO),
     slo_normalized_latency_s, and per-request lists (JSON only, not parquet)
-    ttfts_ms, itls_ms (flattened), e2els_ms, output_lens.
+    ttfts_ms, itls_ms (flattened), e2els_ms, output_lens; optional (newer runs):
+    ok_requests, the positions of the successful requests among the run's
+    requests, aligned with ttfts_ms (read by analysis/repeats.py).
 
 Trace JSONL (one object per engine step): step, time (s since start),
 num_running, num_waiting, logical_blocks, physical_blocks, dedup_ratio,

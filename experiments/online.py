@@ -302,6 +302,7 @@ def compute_metrics(results: list[RequestResult], duration_s: float, slo_s: floa
     m["itls_ms"] = itls
     m["e2els_ms"] = e2els
     m["output_lens"] = [r.output_tokens for r in ok]
+    m["ok_requests"] = [i for i, r in enumerate(results) if r.success]
     m["request_throughput"] = len(ok) / duration_s if duration_s > 0 else None
     m["output_throughput"] = sum(r.output_tokens for r in ok) / duration_s if duration_s > 0 else None
     errors: dict[str, int] = {}

@@ -330,3 +330,21 @@ def test_markdown_to_html_subset():
     h = markdown_to_html("# T\n\n- **a** `b`\n\n| x | y |\n|---|---|\n| 1 | 2 |\n\n![c](f.png)\n")
     assert "<h1>T</h1>" in h and "<li><strong>a</strong> <code>b</code></li>" in h
     assert "<th>x</th>" in h and "<td>2</td>" in h and 'src="f.png"' in h
+
+
+def test_online_repeats_table_when_sources_name_documents(tmp_path):
+    root = make_results(tmp_path / "OUT")
+    lines = [json.dumps({"prompt_token_ids": [1, 2, 3], "output_len": 50, "arrival_time": None,
+                         "session_id": None, "source": f"mi:doc{i // 2}:instr{i}"})
+             for i in range(8)]
+    (root / "workloads" / "summ.jsonl").write_text("\n".join(lines) + "\n")
+    out = build_report(root)
+    table = pd.read_csv(out / "tables" / "online_repeats.csv")
+    assert set(table["label"]) == {"first", "repeat"}
+    assert (table.groupby(["arm", "request_rate"])["requests"].sum() == 8 * 3).all()
+    assert "first occurrences vs repeats" in (out / "report.md").read_text()
+
+
+def test_no_repeats_table_without_documents(full_report):
+    _, out = full_report
+    assert not (out / "tables" / "online_repeats.csv").exists()
