@@ -471,7 +471,8 @@ def build_report(
     if not rep.empty and set(rep["label"]) - {"unknown"}:
         rep.to_csv(tab_dir / "online_repeats.csv", index=False)
         tables.append(("Online latency: first occurrences vs repeats (see analysis/repeats.py)",
-                       _md_frame(rep.round(1))))
+                       _md_frame(rep.round({c: 0 for c in rep.columns
+                                            if c.endswith("_ms")}))))
 
     split = split_table(rs)
     if not split.empty:
