@@ -117,12 +117,14 @@ class WorkerKVStore:
         n_tok = sum(n for _, _, n, _ in pieces)
         kbuf = first.new_empty((n_tok, *first.shape[2:]))
         vbuf = self.v[pieces[0][0]].new_empty((n_tok, *self.v[pieces[0][0]].shape[2:]))
+        dev = first.device
         cos = sin = rot = None
         if any(delta for *_, delta in pieces):
             cos, sin = rotation(torch.cat([torch.full((n,), dl, dtype=torch.long)
                                            for _, _, n, dl in pieces]), n_tok, self.rotary)
-            rot = torch.empty(kbuf.shape, dtype=torch.float32)
-        slot_t = torch.as_tensor(slots, dtype=torch.long, device=first.device)
+            cos, sin = cos.to(dev), sin.to(dev)
+            rot = torch.empty(kbuf.shape, dtype=torch.float32, device=dev)
+        slot_t = torch.as_tensor(slots, dtype=torch.long, device=dev)
         for name, layer in self.layers.items():
             i = self._index[name]
             torch.cat([self.k[d][i, o:o + n] for d, o, n, _ in pieces], out=kbuf)

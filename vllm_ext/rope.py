@@ -57,7 +57,7 @@ class RotaryParams:
 def rotation(delta: torch.Tensor | int, n: int, params: RotaryParams):
     """``(cos, sin)``, each ``[n, 1, head_dim/2]`` float32, of the angle ``delta *
     inv_freq`` (computed in float64) for ``n`` tokens (``delta``: an int or ``[n]``)."""
-    d = torch.as_tensor(delta, dtype=torch.float64).reshape(-1)
+    d = torch.as_tensor(delta).to("cpu", torch.float64).reshape(-1)
     if d.numel() == 1:
         d = d.expand(n)
     angle = d[:, None] * params.inv_freq()[None, :]           # [n, head_dim/2]
@@ -84,4 +84,5 @@ def rerotate(keys: torch.Tensor, delta: torch.Tensor | int, params: RotaryParams
     share it). Float64 angle, float32 product, returned in ``keys.dtype``. A zero delta
     returns the keys unchanged (cos 0 = 1, sin 0 = 0)."""
     cos, sin = rotation(delta, keys.shape[-3], params)
-    return rotate(keys.to(torch.float32), cos, sin).to(keys.dtype)
+    return rotate(keys.to(torch.float32), cos.to(keys.device), sin.to(keys.device)) \
+        .to(keys.dtype)
