@@ -44,7 +44,7 @@ class WorkerKVStore:
         self.k: dict[bytes, torch.Tensor] = {}
         self.v: dict[bytes, torch.Tensor] = {}
         self._captures: list[tuple[bytes, torch.Tensor]] = []
-        self._rows: dict[int, torch.Tensor] = {}
+        self._rows: dict[int, list] = {}
 
     def install(self, static_forward_context: dict) -> None:
         """Wrap the KV write of every attention layer that has one."""
@@ -81,28 +81,31 @@ class WorkerKVStore:
             self.v.pop(d, None)
         self._rows = {}
 
-    def _rows_for(self, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """Inverse of this step's slot mapping: slot -> row (-1 where absent)."""
+    def _capture_rows(self, slot_mapping: torch.Tensor, device) -> list:
+        """``(digest, rows)`` of this step's captures: the rows of the step's key/value
+        tensors that hold each chunk's slots. Computed at the first layer's write and
+        reused by the others (layers that share a slot mapping share the rows)."""
         key = slot_mapping.data_ptr()
-        inv = self._rows.get(key)
-        if inv is None:
+        out = self._rows.get(key)
+        if out is None:
             sm = slot_mapping.to("cpu", torch.long)
             valid = sm >= 0
             inv = torch.full((int(sm.max()) + 2 if sm.numel() else 1,), -1, dtype=torch.long)
             inv[sm[valid]] = torch.arange(sm.numel())[valid]
-            self._rows[key] = inv
-        return inv
+            out = []
+            for digest, slots in self._captures:
+                rows = inv[slots.clamp(max=inv.numel() - 1)]
+                if (rows < 0).any() or (slots >= inv.numel()).any():
+                    raise RuntimeError("kvdedup: a planned capture's tokens are not in this step")
+                out.append((digest, rows.to(device)))
+            self._rows[key] = out
+        return out
 
     def _capture(self, name, key, value, slot_mapping) -> None:
-        inv = self._rows_for(slot_mapping)
         layer = self._index[name]
-        for digest, slots in self._captures:
-            rows = inv[slots.clamp(max=inv.numel() - 1)]
-            if (rows < 0).any() or (slots >= inv.numel()).any():
-                raise RuntimeError("kvdedup: a planned capture's tokens are not in this step")
-            rows = rows.to(key.device)
+        for digest, rows in self._capture_rows(slot_mapping, key.device):
             if digest not in self.k:
-                shape = (len(self.layers), len(slots), *key.shape[1:])
+                shape = (len(self.layers), len(rows), *key.shape[1:])
                 self.k[digest] = key.new_empty(shape)
                 self.v[digest] = value.new_empty((shape[0], shape[1], *value.shape[1:]))
             torch.index_select(key, 0, rows, out=self.k[digest][layer])
