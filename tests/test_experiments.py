@@ -191,6 +191,8 @@ def test_arrivals_and_metrics():
     assert m["mean_normalized_latency_s"] == pytest.approx((0.1 + 0.55) / 2)
     assert m["goodput"] == pytest.approx(0.5)  # one of two meets 0.2 s/token, over 2 s
     assert len(m["itls_ms"]) == 6 and m["output_lens"] == [4, 4]
+    rs2 = [RequestResult(10, 4, False, "HTTP 400: too long"), *rs[:2]]
+    assert compute_metrics(rs2, duration_s=2.0, slo_s=0.2)["ok_requests"] == [1, 2]
 
 
 def test_summary_refuses_different_token_counts():
