@@ -25,7 +25,7 @@ import pandas as pd
 
 from analysis import AnalysisError
 from analysis import figures as F
-from analysis.audit import find_workload_meta
+from analysis.audit import find_workload_meta, read_workload
 from analysis.results import ARMS, BASELINE_ARM, ENV_KEYS, ResultSet, load_results, load_trace
 from analysis.repeats import repeat_table
 from analysis.timesplit import amdahl_bounds, split_table
@@ -425,8 +425,6 @@ def _sources(path: Path | None) -> list[str | None] | None:
     """The ``source`` of each request of a workload file (None when it is unreadable)."""
     if path is None:
         return None
-    from analysis.audit import read_workload
-
     try:
         return [getattr(r, "source", None) for r in read_workload(path)]
     except AnalysisError:
@@ -466,8 +464,10 @@ def build_report(
         t.to_csv(tab_dir / "online_summary.csv", index=False)
         tables.append(("Online runs", _md_summary(t, ONLINE_KEYS, ONLINE_METRICS)))
 
-    rep = repeat_table([r for r in rs.ok_runs if r["kind"] == "online"],
-                       lambda r: _sources(rs.workloads.get(r["workload_file"])))
+    online_runs = [r for r in rs.ok_runs if r["kind"] == "online"]
+    sources = {wf: _sources(rs.workloads.get(wf))  # each workload file read once
+               for wf in {r["workload_file"] for r in online_runs}}
+    rep = repeat_table(online_runs, lambda r: sources[r["workload_file"]])
     if not rep.empty and set(rep["label"]) - {"unknown"}:
         rep.to_csv(tab_dir / "online_repeats.csv", index=False)
         tables.append(("Online latency: first occurrences vs repeats (see analysis/repeats.py)",
