@@ -39,8 +39,8 @@ def documents(source: str | None) -> tuple[str, ...]:
     parts = str(source).split(":")
     if len(parts) < 2:
         return ()
-    ids = tuple(p for p in parts[1].split(",") if _DOC.match(p))
-    return ids if ids and len(ids) == len(parts[1].split(",")) else ()
+    ids = tuple(parts[1].split(","))
+    return ids if all(_DOC.match(i) for i in ids) else ()
 
 
 def occurrence_labels(sources: Sequence[str | None]) -> list[str]:
