@@ -76,7 +76,7 @@ __all__ = [
 ]
 
 KINDS = ("offline", "online")
-ARMS = ("vllm", "vllm-apc", "prefix", "sequence")
+ARMS = ("vllm", "vllm-apc", "prefix", "sequence", "shared")
 STATUSES = ("ok", "failed")
 #: Arm that ratios are computed against.
 BASELINE_ARM = "vllm-apc"
@@ -100,7 +100,7 @@ def _f(name, typ, scope, nullable, doc):
 _IDENTITY = [
     _f("run_id", "str", "all", False, "unique run id; equals the JSON file stem"),
     _f("kind", "str", "all", False, "offline | online"),
-    _f("arm", "str", "all", False, "vllm | vllm-apc | prefix | sequence"),
+    _f("arm", "str", "all", False, "vllm | vllm-apc | prefix | sequence | shared"),
     _f("use_case", "str", "all", False, "workload / use-case name"),
     _f("workload_file", "str", "all", False, "workload JSONL path"),
     _f("num_blocks", "int", "all", False, "KV capacity in blocks"),

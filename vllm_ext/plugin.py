@@ -10,6 +10,10 @@ engine is actually configured to use kvdedup.
 def register() -> None:
     import os
 
+    if os.environ.get("KVDEDUP_SHARED_ATTENTION") == "1":  # shared mode (vllm_ext.launch)
+        from .attention import install
+
+        install()
     if os.environ.get("KVDEDUP_SKIP_VERSION_CHECK") == "1":
         return
     from .version import check_vllm_version

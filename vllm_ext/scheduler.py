@@ -39,11 +39,12 @@ from .hasher import adopt_request, make_request_block_hasher
 from .kv_manager import VerifiedKVCacheManager
 from .metrics import StepRecorder, StepStats
 from .sequence import SequenceState
+from .shared import SharedState
 from .version import check_vllm_version
 
 check_vllm_version()
 
-MODES = ("prefix", "sequence", "observe")
+MODES = ("prefix", "sequence", "shared", "observe")
 
 
 def dedup_settings(vllm_config) -> dict:
@@ -77,22 +78,43 @@ class DedupScheduler(Scheduler):
         self._scheduled = self._prefill = 0  # tokens computed: all, prompt only
         self.recorder = StepRecorder(settings.get("board"), settings.get("trace"))
         self._peak = (0, 0)  # (logical, physical) right after allocation, this step
-        self.sequence: SequenceState | None = None
-        if self.dedup_mode == "sequence":
-            if self.connector is None:
-                raise ValueError("kvdedup sequence mode needs the DedupConnector "
-                                 "(build the engine with vllm_ext.launch)")
-            if self.has_mamba_layers:
-                raise ValueError("kvdedup sequence mode supports attention-only models")
+        self.sequence: SequenceState | None = None   # SharedState in shared mode
+        if self.dedup_mode in ("sequence", "shared"):
+            self._init_reuse(settings)
+
+    def _init_reuse(self, settings: dict) -> None:
+        """Sequence or shared mode: the planner state, the prefill clip, the exact cap."""
+        mode = self.dedup_mode
+        if self.connector is None:
+            raise ValueError(f"kvdedup {mode} mode needs the DedupConnector "
+                             "(build the engine with vllm_ext.launch)")
+        if self.has_mamba_layers:
+            raise ValueError(f"kvdedup {mode} mode supports attention-only models")
+        common = dict(block_size=self.block_size,
+                      bytes_per_token=self._bytes_per_block // self.block_size,
+                      k=int(settings.get("k", 32)),
+                      min_inject=int(settings.get("min_inject", 32)),
+                      inject_prompt_logprobs=bool(settings.get("inject_prompt_logprobs", False)))
+        if mode == "sequence":
             self.sequence = SequenceState(
-                block_size=self.block_size,
-                bytes_per_token=self._bytes_per_block // self.block_size,
-                store_bytes=int(settings.get("store_bytes", 1 << 30)),
-                k=int(settings.get("k", 32)), min_inject=int(settings.get("min_inject", 32)),
-                inject_prompt_logprobs=bool(settings.get("inject_prompt_logprobs", False)))
-            self.need_mamba_block_aligned_split = True
-            self.kv_cache_manager.cache_limit = self.sequence.exact_limit
-            self.connector.hold = self.sequence.should_hold
+                store_bytes=int(settings.get("store_bytes", 1 << 30)), **common)
+        else:
+            from .attention import installed
+
+            if not installed():
+                raise ValueError("kvdedup shared mode needs its attention backend: start "
+                                 "the engine through vllm_ext.LLM or `kvdedup serve`, or "
+                                 "set KVDEDUP_SHARED_ATTENTION=1 in its environment")
+            eviction = settings.get("eviction", "frequency")
+            if eviction not in ("frequency", "lru"):
+                raise ValueError(f"unknown shared-mode eviction {eviction!r}; "
+                                 "choose 'frequency' or 'lru'")
+            self.sequence = SharedState(pool=self.kv_cache_manager, **common)
+            self.kv_cache_manager.install_shared(self.sequence,
+                                                 protect=eviction == "frequency")
+        self.need_mamba_block_aligned_split = True
+        self.kv_cache_manager.cache_limit = self.sequence.exact_limit
+        self.connector.hold = self.sequence.should_hold
 
     def add_request(self, request) -> None:
         if self.verify_hits and request.request_id not in self.requests:
@@ -145,6 +167,8 @@ class DedupScheduler(Scheduler):
                 seq.after_schedule(self.requests[rid], n, mgr.get_block_ids(rid)[0])
             cmds = seq.take_commands()
             meta = out.kv_connector_metadata
+            if isinstance(seq, SharedState) and meta is not None:
+                meta.borrows = seq.take_borrows()
             if not cmds.empty() and meta is not None:
                 meta.evicts, meta.injects, meta.captures = cmds.evicts, cmds.injects, cmds.captures
                 # The worker must inject and arm captures BEFORE the forward (and after
@@ -183,7 +207,22 @@ class DedupScheduler(Scheduler):
             verified_hits=c.verified_hits, collisions=c.collisions,
             preemptions=self._preemptions, scheduled_tokens=self._scheduled,
             prefill_tokens=self._prefill,
-            **(self.sequence.stats() if self.sequence else {}))
+            **(self.sequence.stats() if self.sequence else {}),
+            **self._borrow_stats())
+
+    def _borrow_stats(self) -> dict:
+        """Shared mode: placeholders in running tables, and the bytes they save once the
+        source blocks kept alive only for borrowers are counted."""
+        if not isinstance(self.sequence, SharedState):
+            return {}
+        mgr = self.kv_cache_manager
+        running = [r.request_id for r in self.running]
+        borrowed = sum(mgr.num_borrowed_blocks(rid) for rid in running)
+        held = {b for rid in running for b in self.sequence.holds.get(rid, ())}
+        owned = {b for rid in running for b in mgr.get_block_ids(rid)[0]}
+        extra = len(held - owned)
+        return {"borrowed_blocks": borrowed,
+                "shared_bytes_saved": max(borrowed - extra, 0) * self._bytes_per_block}
 
     def shutdown(self) -> None:
         self.recorder.close()
