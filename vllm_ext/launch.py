@@ -38,7 +38,7 @@ DEDUP_MODES = ("off", "observe", "prefix", "sequence", "shared")
 SHARED_ENV = "KVDEDUP_SHARED_ATTENTION"   # the plugin installs the attention backend
 SCHEDULER_CLS = "vllm_ext.scheduler.DedupScheduler"
 CONNECTOR = {"kv_connector": "DedupConnector", "kv_connector_module_path": "vllm_ext.connector",
-             "kv_role": "kv_both"}
+             "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
 
 
 def on_cpu() -> bool:
