@@ -72,6 +72,8 @@ from typing import Any
 
 import yaml
 
+from dedup.paths import cache_root
+
 ARMS = ("vllm", "vllm-apc", "prefix", "sequence")
 IMPLEMENTED_ARMS = ARMS
 KINDS = ("offline", "online")
@@ -131,9 +133,6 @@ class Config:
         if self.sequence:
             key["sequence"] = self.sequence
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-from vllm_ext.models import cache_root  # noqa: E402  (one definition of the cache root)
 
 
 def _expand(p: str) -> Path:
