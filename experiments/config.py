@@ -73,10 +73,8 @@ from typing import Any
 import yaml
 
 from dedup.paths import cache_root
+from experiments.schema import ARMS, KINDS
 
-ARMS = ("vllm", "vllm-apc", "prefix", "sequence")
-IMPLEMENTED_ARMS = ARMS
-KINDS = ("offline", "online")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TOP_KEYS = {"name", "kind", "model", "arms", "reps", "engine", "workloads", "num_blocks",
             "num_requests", "run_timeout_s", "online", "quick", "description", "sequence"}
@@ -171,9 +169,6 @@ def check_arms(arms: list[str]) -> list[str]:
     for a in arms:
         if a not in ARMS:
             raise ConfigError(f"unknown arm {a!r}; choose from {', '.join(ARMS)}")
-        if a not in IMPLEMENTED_ARMS:
-            raise ConfigError(f"arm {a!r} is not implemented yet in this version of kvdedup "
-                              f"(available: {', '.join(IMPLEMENTED_ARMS)})")
     if len(set(arms)) != len(arms):
         raise ConfigError(f"duplicate arms in {arms}")
     return list(arms)
@@ -218,7 +213,7 @@ def parse_config(raw: dict, where: str = "config") -> Config:
     if kind not in KINDS:
         raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     name = str(raw.get("name") or "experiment")
-    arms = raw.get("arms", list(IMPLEMENTED_ARMS))
+    arms = raw.get("arms", list(ARMS))
     if not isinstance(arms, list):
         raise ConfigError(f"{where}: arms must be a list")
     arms = check_arms(arms)

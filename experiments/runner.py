@@ -23,23 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.config import ARMS, Config, ConfigError, blocks_needed
+from experiments.config import Config, ConfigError, blocks_needed
 from experiments.env import collect_env
+from experiments.schema import ARMS, BASELINE_ARM, PARQUET_FIELDS, RUN_FIELDS, validate_run
 
 REPO = Path(__file__).resolve().parent.parent
-BASELINE_ARM = "vllm-apc"
 SUMMARY_METRICS_OFFLINE = ("request_throughput", "total_token_throughput", "output_throughput",
                            "elapsed_s", "peak_physical_blocks", "mean_physical_blocks",
                            "peak_logical_blocks", "mean_dedup_ratio", "hit_rate", "preemptions")
 SUMMARY_METRICS_ONLINE = ("p95_normalized_latency_s", "mean_normalized_latency_s", "goodput",
                           "mean_ttft_ms", "p95_ttft_ms", "mean_tpot_ms", "p95_e2el_ms",
                           "completed", "failed")
-
-
-def _schema():
-    from analysis.results import LIST_FIELDS, PARQUET_FIELDS, RUN_FIELDS, validate_run
-
-    return RUN_FIELDS, PARQUET_FIELDS, LIST_FIELDS, validate_run
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -281,7 +275,6 @@ def _run_offline_child(spec: dict, out: Path, timeout_s: float) -> dict:
 
 def execute(run: dict, cfg: Config, out: Path, model_dir: str, env_rec: dict) -> dict:
     """Run one planned run; never raises for a failed run (returns status failed)."""
-    RUN_FIELDS, _, _, validate_run = _schema()
     rid = run["run_id"]
     trace_rel = f"traces/{rid}.jsonl"
     rec: dict[str, Any] = {
@@ -440,7 +433,6 @@ def summarize(runs: list[dict], cfg: Config | None = None) -> dict:
 def write_parquet(runs: list[dict], out: Path) -> None:
     import pandas as pd
 
-    _, PARQUET_FIELDS, _, _ = _schema()
     rows = [{k: r.get(k) for k in PARQUET_FIELDS} for r in runs]
     df = pd.DataFrame(rows, columns=list(PARQUET_FIELDS))
     tmp = out / ".runs.parquet.tmp"
