@@ -43,6 +43,6 @@ setup(
     entry_points={
         "console_scripts": ["kvdedup=vllm_ext.cli:main"],
         "vllm.general_plugins": ["kvdedup=vllm_ext.plugin:register"],
-        "vllm.stat_logger_plugins": ["kvdedup=vllm_ext.metrics:DedupStatLogger"],
+        "vllm.stat_logger_plugins": ["kvdedup=vllm_ext.stat_logger:DedupStatLogger"],
     },
 )

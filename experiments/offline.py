@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_ext.metrics import COUNTERS  # the cumulative step counters (a numpy-only module)
+from vllm_ext.metrics import COUNTERS  # the cumulative step counters (engine-free module)
 
 WARMUP_TOKENS = 40
 WARMUP_OUTPUT = 4
@@ -86,7 +86,7 @@ def run_offline(spec: dict) -> dict:
     """Run one offline measurement described by ``spec`` (see the runner) -> metrics."""
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     import vllm_ext
-    from vllm import SamplingParams
+    from vllm_ext import SamplingParams
 
     from experiments.config import arm_engine_kwargs
     from experiments.workloads import load_workload

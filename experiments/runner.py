@@ -176,9 +176,8 @@ _PRELOADED = False
 def _preload() -> None:
     global _PRELOADED
     if not _PRELOADED:
-        import vllm  # noqa: F401
         import vllm_ext.launch  # noqa: F401
-        from vllm import SamplingParams  # noqa: F401
+        from vllm_ext import SamplingParams  # noqa: F401  (imports vLLM)
         _PRELOADED = True
 
 

@@ -30,7 +30,7 @@ def _texts(path: str, n: int, length: int):
 
 def run(arm: str, model: str, docs, k: int, head_a, head_b, tail):
     import vllm_ext
-    from vllm import SamplingParams
+    from vllm_ext import SamplingParams
 
     mode = {"vllm-apc": "observe", "sequence": "sequence"}[arm]
     llm = vllm_ext.LLM(model, dedup=mode, enforce_eager=True, max_model_len=2048,

@@ -1,22 +1,19 @@
 """``vllm.general_plugins`` entry point (vLLM 0.32, ``vllm.plugins.load_general_plugins``).
 
-vLLM calls ``register()`` in every process it starts. kvdedup needs no registration (its
-scheduler and connector are named by module path); the hook only fails loudly when the
-installed vLLM is not the series kvdedup's hooks were written for, and only when the
-engine is actually configured to use kvdedup.
+vLLM calls ``register()`` in every process it starts, also for engines that do not use
+kvdedup. kvdedup needs no registration (its scheduler and connector are named by module
+path), so the hook only runs the version gate and warns when it fails: a stock engine must
+still start where kvdedup is installed. An engine configured with kvdedup fails at
+start-up anyway, when vLLM imports kvdedup's scheduler or connector (``vllm_ext.version``).
 """
 
 
 def register() -> None:
-    import os
-
-    if os.environ.get("KVDEDUP_SKIP_VERSION_CHECK") == "1":
-        return
     from .version import check_vllm_version
 
     try:
         check_vllm_version()
-    except Exception as exc:  # a stock engine must still start: warn only
+    except Exception as exc:  # noqa: BLE001 - a stock engine must still start: warn only
         import logging
 
         logging.getLogger("kvdedup").warning("%s (kvdedup's hooks will refuse to load)", exc)

@@ -14,13 +14,17 @@ vllm_ext.scheduler.DedupScheduler`` or ``LLM(scheduler_cls=...)``):
   ``kv_connector_stats["kvdedup"]`` (read by vLLM's loggers through ``DedupConnector``).
 * ``_preempt_request``: counts preemptions (sequence mode: drops the request's plan; it is
   planned afresh when admitted again).
-* ``_free_request``: sequence mode forgets the request's plan.
+* sequence mode: a finished request's plan is forgotten through the connector's
+  ``request_finished`` hook (``DedupConnector.finish``).
 * ``_mamba_block_aligned_split`` (vLLM's per-request prefill-chunk clip, used upstream
   for Mamba state alignment): sequence mode turns it on for attention-only models and
   clips a prefill at the request's next injection stop (or, in the exact region, at a
   content-defined chunk boundary); before each step, a request
-  standing at a stop jumps over the injected run (``SequenceState.jump``), and the
+  standing at a stop jumps over the injected run (``SequenceState.jump`` decides, the
+  scheduler advances ``num_computed_tokens``), and the
   step's capture/inject/evict commands go to the worker in the connector metadata.
+
+Every vLLM name used here is listed, with the reason, in ``vllm_ext.contract``.
 
 Settings come from ``kv_transfer_config.kv_connector_extra_config`` (set by
 ``vllm_ext.launch``): ``mode`` ("prefix", "sequence" or "observe": metrics only, vLLM's
@@ -93,6 +97,7 @@ class DedupScheduler(Scheduler):
             self.need_mamba_block_aligned_split = True
             self.kv_cache_manager.cache_limit = self.sequence.exact_limit
             self.connector.hold = self.sequence.should_hold
+            self.connector.finish = self.sequence.finish
 
     def add_request(self, request) -> None:
         if self.verify_hits and request.request_id not in self.requests:
@@ -104,11 +109,6 @@ class DedupScheduler(Scheduler):
         if self.sequence is not None:
             self.sequence.drop(request.request_id)
         super()._preempt_request(request, *args, **kwargs)
-
-    def _free_request(self, request, *args, **kwargs):
-        if self.sequence is not None:
-            self.sequence.finish(request.request_id)
-        return super()._free_request(request, *args, **kwargs)
 
     def _mamba_block_aligned_split(self, request, num_new_tokens: int,
                                    num_new_local_computed_tokens: int = 0,
@@ -129,7 +129,9 @@ class DedupScheduler(Scheduler):
         seq = self.sequence
         if seq is not None:
             for request in self.running:
-                seq.jump(request)
+                to = seq.jump(request)
+                if to is not None:
+                    request.num_computed_tokens = to
             seq.begin_step(self.running)
         out = super().schedule(*args, **kwargs)
         self._step += 1
