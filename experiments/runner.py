@@ -25,7 +25,8 @@ from typing import Any
 
 from experiments.config import Config, ConfigError, blocks_needed
 from experiments.env import collect_env
-from experiments.schema import ARMS, BASELINE_ARM, PARQUET_FIELDS, RUN_FIELDS, validate_run
+from experiments.schema import BASELINE_ARM, PARQUET_FIELDS, RUN_FIELDS, validate_run
+from experiments.summary import arm_rank, cell_key, generated_tokens, summarize_groups
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_METRICS_OFFLINE = ("request_throughput", "total_token_throughput", "output_throughput",
@@ -337,65 +338,49 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- summary
-def _stats(vals: list[float]) -> dict | None:
-    import statistics
-
-    vals = [float(v) for v in vals if v is not None]
-    if not vals:
-        return None
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
-
-
-def _cell_key(r: dict) -> tuple:
-    return (r["kind"], r["use_case"], int(r["num_blocks"]),
-            int(r["num_requests"]) if r["kind"] == "offline" else None,
-            r.get("request_rate") if r["kind"] == "online" else None)
-
-
 def summarize(runs: list[dict], cfg: Config | None = None) -> dict:
-    """Per cell and arm: median [min, max] of the metrics, ratio vs vllm-apc (offline:
-    request throughput; online: goodput), and for online the max rate meeting the SLO."""
+    """Per cell (``experiments.summary.CELL_KEYS``) and arm: median [min, max] of the
+    metrics, ratio vs vllm-apc (offline: request throughput; online: goodput), and for
+    online the max rate meeting the SLO."""
     cells: dict[tuple, list[dict]] = {}
     for r in runs:
-        cells.setdefault(_cell_key(r), []).append(r)
+        cells.setdefault(cell_key(r), []).append(r)
     out_cells = []
     for key in sorted(cells, key=lambda k: tuple((x is None, x) for x in k)):
         rs = cells[key]
-        kind, uc, nb, nr, rate = key
+        kind, uc, nb, last = key
         ok = [r for r in rs if r["status"] == "ok"]
         metrics = SUMMARY_METRICS_OFFLINE if kind == "offline" else SUMMARY_METRICS_ONLINE
         cell: dict[str, Any] = {"kind": kind, "use_case": uc, "num_blocks": nb,
-                                "num_requests": nr, "request_rate": rate, "arms": {},
-                                "comparable": True, "notes": []}
+                                "num_requests": last if kind == "offline" else None,
+                                "request_rate": last if kind == "online" else None,
+                                "arms": {}, "comparable": True, "notes": []}
         # refuse to compare runs that generated different numbers of tokens (offline)
         if kind == "offline":
-            counts = {(r["arm"], r["rep"]): r.get("total_output_tokens") for r in ok}
-            if len(set(counts.values())) > 1:
+            counts = {generated_tokens(r) for r in ok}
+            if len(counts) > 1:
                 cell["comparable"] = False
                 cell["notes"].append("generated token counts differ between runs "
-                                     f"({sorted(set(counts.values()))}): ratios not computed")
+                                     f"({sorted(counts, key=lambda c: (c is None, c))}): "
+                                     "ratios not computed")
             bad = [r["run_id"] for r in ok if r.get("reference_output_lens_match") is False]
             if bad:
                 cell["comparable"] = False
                 cell["notes"].append(f"runs not generating the reference lengths: {bad}")
-        arms_present = sorted({r["arm"] for r in rs}, key=lambda a: ARMS.index(a))
-        for arm in arms_present:
-            ar = [r for r in ok if r["arm"] == arm]
-            entry: dict[str, Any] = {"n_ok": len(ar),
-                                     "n_failed": sum(1 for r in rs if r["arm"] == arm and r["status"] != "ok"),
-                                     "runs": sorted(r["run_id"] for r in rs if r["arm"] == arm)}
-            for m in metrics:
-                entry[m] = _stats([r.get(m) for r in ar])
-            if kind == "offline" and ar:
-                entry["total_output_tokens"] = ar[0].get("total_output_tokens")
-            cell["arms"][arm] = entry
         main = "request_throughput" if kind == "offline" else "goodput"
-        base = cell["arms"].get(BASELINE_ARM, {}).get(main)
-        for arm, entry in cell["arms"].items():
-            v = entry.get(main)
-            entry["ratio_vs_vllm_apc"] = (v["median"] / base["median"]
-                                          if cell["comparable"] and v and base and base["median"]
-                                          else None)
+        groups = {g["key"]["arm"]: g for g in summarize_groups(
+            ok, ["arm"], metrics, [main] if cell["comparable"] else [])}
+        for arm in sorted({r["arm"] for r in rs}, key=arm_rank):
+            g = groups.get(arm, {"stats": {m: None for m in metrics}, "ratios": {}})
+            entry: dict[str, Any] = {
+                "n_ok": sum(1 for r in ok if r["arm"] == arm),
+                "n_failed": sum(1 for r in rs if r["arm"] == arm and r["status"] != "ok"),
+                "runs": sorted(r["run_id"] for r in rs if r["arm"] == arm), **g["stats"]}
+            if kind == "offline" and entry["n_ok"]:
+                entry["total_output_tokens"] = next(
+                    r.get("total_output_tokens") for r in ok if r["arm"] == arm)
+            entry["ratio_vs_vllm_apc"] = g["ratios"].get(main)
+            cell["arms"][arm] = entry
         out_cells.append(cell)
     summary: dict[str, Any] = {"baseline_arm": BASELINE_ARM,
                                "ratio_metric": {"offline": "request_throughput", "online": "goodput"},

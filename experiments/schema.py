@@ -39,10 +39,12 @@ Online metrics (scope ``online``)
     ok_requests, the positions of the successful requests among the run's
     requests, aligned with ttfts_ms (read by analysis/repeats.py).
 
-Trace JSONL (one object per engine step): step, time (s since start),
-num_running, num_waiting, logical_blocks, physical_blocks, dedup_ratio,
-bytes_saved, prefix_queries, prefix_hits, verified_hits, collisions,
-preemptions (queries/hits/collisions/preemptions are cumulative counters).
+Trace JSONL (one object per engine step): step, time (s since start, at the
+step's end), num_running, num_waiting, logical_blocks, physical_blocks,
+dedup_ratio, bytes_saved, prefix_queries, prefix_hits, verified_hits,
+collisions, preemptions (queries/hits/collisions/preemptions are cumulative
+counters); optional (newer traces): start (when the step began, same clock),
+scheduled_tokens, prefill_tokens, sequence_tokens_reused (cumulative).
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ TRACE_FIELDS = (
     "collisions", "preemptions",
 )
 #: Trace fields added later (kept when present; older traces lack them).
-OPTIONAL_TRACE_FIELDS = ("scheduled_tokens", "prefill_tokens", "sequence_tokens_reused")
+OPTIONAL_TRACE_FIELDS = ("start", "scheduled_tokens", "prefill_tokens", "sequence_tokens_reused")
 _ENUMS = {"kind": KINDS, "arm": ARMS, "status": STATUSES}
 ENV_KEYS = ("versions", "cpu", "git_commit", "threads")
 

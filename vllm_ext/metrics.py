@@ -32,7 +32,8 @@ class StepStats:
     """Dedup state after one scheduler step (counters are cumulative since start)."""
 
     step: int = 0
-    time: float = 0.0                # seconds since the engine started
+    time: float = 0.0                # seconds since the engine started, at the step's end
+    start: float = 0.0               # the same clock when the step's schedule() began
     num_running: int = 0
     num_waiting: int = 0
     logical_blocks: int = 0          # sum of running requests' block-table lengths
@@ -91,7 +92,7 @@ class StatsBoard:
                 break
         out = dict(zip(FIELDS, vals))
         for k, v in out.items():
-            if k not in ("time", "dedup_ratio"):
+            if k not in ("time", "start", "dedup_ratio"):
                 out[k] = int(v)
         return out
 
@@ -119,11 +120,15 @@ class StepRecorder:
         self.board = StatsBoard(board_path, create=True) if board_path else None
         self.trace = TraceWriter(trace_path) if trace_path else None
 
+    def now(self) -> float:
+        """Seconds since the recorder (the engine) started: the clock of ``time``/``start``."""
+        return round(time.monotonic() - self.t0, 6)
+
     def record(self, s: StepStats, step_logical: int = 0, step_physical: int = 0) -> None:
-        """Publish ``s``; peaks also take the occupancy seen mid-step (after allocation,
-        before the step's finished requests freed their blocks)."""
+        """Publish ``s`` (its ``start`` set by the caller, ``time`` now); peaks also take the
+        occupancy seen mid-step (after allocation, before finished requests freed blocks)."""
         prev = self.current
-        s.time = round(time.monotonic() - self.t0, 6)
+        s.time = self.now()
         s.peak_physical_blocks = max(prev.peak_physical_blocks, s.physical_blocks, step_physical)
         s.peak_logical_blocks = max(prev.peak_logical_blocks, s.logical_blocks, step_logical)
         self.current = s

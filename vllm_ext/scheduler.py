@@ -8,7 +8,8 @@ vllm_ext.scheduler.DedupScheduler`` or ``LLM(scheduler_cls=...)``):
 * ``add_request``: rehashes the request with ``dedup.hashing.block_hashes`` (salted by
   ``cache_salt``) before vLLM's ``add_request`` queues it, so every prefix lookup and
   every registered block uses kvdedup's hashes.
-* ``schedule``: after vLLM allocates the step's blocks, notes peak occupancy.
+* ``schedule``: notes when the step began; after vLLM allocates the step's blocks, notes
+  peak occupancy.
 * ``update_from_output``: after the step's finished requests free their blocks, records
   the step's ``StepStats`` and attaches it to the step's ``SchedulerStats`` as
   ``kv_connector_stats["kvdedup"]`` (read by vLLM's loggers through ``DedupConnector``).
@@ -81,6 +82,7 @@ class DedupScheduler(Scheduler):
         self._scheduled = self._prefill = 0  # tokens computed: all, prompt only
         self.recorder = StepRecorder(settings.get("board"), settings.get("trace"))
         self._peak = (0, 0)  # (logical, physical) right after allocation, this step
+        self._starts: dict[int, float] = {}  # id(scheduler output) -> its schedule() start
         self.sequence: SequenceState | None = None
         if self.dedup_mode == "sequence":
             if self.connector is None:
@@ -126,6 +128,7 @@ class DedupScheduler(Scheduler):
         return self.sequence.clip(request, start, num_new_tokens, free)
 
     def schedule(self, *args, **kwargs):
+        start = self.recorder.now()
         seq = self.sequence
         if seq is not None:
             for request in self.running:
@@ -134,6 +137,7 @@ class DedupScheduler(Scheduler):
                     request.num_computed_tokens = to
             seq.begin_step(self.running)
         out = super().schedule(*args, **kwargs)
+        self._starts[id(out)] = start
         self._step += 1
         self._peak = self._occupancy()
         for rid, n in out.num_scheduled_tokens.items():
@@ -155,9 +159,11 @@ class DedupScheduler(Scheduler):
                 out.has_sync_kv_loads = True
         return out
 
-    def update_from_output(self, *args, **kwargs):
-        outputs = super().update_from_output(*args, **kwargs)
+    def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
+        outputs = super().update_from_output(scheduler_output, model_runner_output,
+                                             *args, **kwargs)
         snap = self._snapshot()
+        snap.start = self._starts.pop(id(scheduler_output), self.recorder.current.time)
         self.recorder.record(snap, *self._peak)
         for eco in outputs.values():
             stats = getattr(eco, "scheduler_stats", None)
