@@ -55,8 +55,9 @@ ratio of the workload sizes (requests x mean tokens) between the study and the C
 The CPU configs state the resulting numbers; the GPU-scale configs keep the study's.
 
 CPU speed settings (see /work/shared/notes/vllm-0.32-hooks.md): float32 and
-``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` (both set by ``vllm_ext.LLM`` / the server launcher)
-make SmolLM2 prefill ~11x faster than vLLM's CPU defaults (bf16, one core reserved).
+``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` (``vllm_ext.launch.cpu_defaults`` and ``CPU_ENV``, set
+wherever kvdedup starts an engine or server) make SmolLM2 prefill ~11x faster than vLLM's
+CPU defaults (bf16, one core reserved).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ import yaml
 
 from dedup.paths import cache_root
 from experiments.schema import ARMS, KINDS
+from vllm_ext.launch import SEQUENCE_OPTIONS, check_sequence_options
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TOP_KEYS = {"name", "kind", "model", "arms", "reps", "engine", "workloads", "num_blocks",
@@ -282,12 +284,12 @@ def parse_config(raw: dict, where: str = "config") -> Config:
 def _sequence_options(raw: Any, where: str) -> dict[str, Any]:
     if raw is None:
         return {}
-    if not isinstance(raw, dict) or set(raw) - {"k", "store_bytes", "min_inject"}:
-        raise ConfigError(f"{where}: sequence must map k / store_bytes / min_inject to ints")
-    for k, v in raw.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{where}: sequence.{k} must be an int >= 0, got {v!r}")
-    return dict(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: sequence must map {' / '.join(SEQUENCE_OPTIONS)} to ints")
+    try:
+        return check_sequence_options(raw)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def arm_engine_kwargs(arm: str, sequence: dict | None = None) -> tuple[str, dict[str, Any]]:

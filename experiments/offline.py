@@ -86,7 +86,6 @@ def warmup_prompt(reqs) -> list[int]:
 
 def run_offline(spec: dict) -> dict:
     """Run one offline measurement described by ``spec`` (see the runner) -> metrics."""
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     import vllm_ext
     from vllm_ext import SamplingParams
 

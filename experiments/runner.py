@@ -216,8 +216,6 @@ def _fork_child(spec_path: Path, res_path: Path, log: Path, timeout_s: float) ->
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             os.environ["KVDEDUP_RUNNER_CHILD"] = "1"
-            os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"]
-                                                    if os.environ.get("PYTHONPATH") else "")
             from experiments.offline import main as offline_main
 
             code = offline_main([str(spec_path), str(res_path)])
@@ -253,10 +251,7 @@ def _run_offline_child(spec: dict, out: Path, timeout_s: float) -> dict:
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     log = out / "logs" / f"{rid}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    env["KVDEDUP_RUNNER_CHILD"] = "1"
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = {**os.environ, "KVDEDUP_RUNNER_CHILD": "1"}
     if FORK_RUNS:
         rc = _fork_child(spec_path, res_path, log, timeout_s)
     else:
@@ -481,7 +476,9 @@ def default_out(cfg: Config, quick: bool) -> Path:
 def run_sweep(cfg: Config, out: Path, dry_run: bool = False, progress: bool = True,
               log=print) -> tuple[dict | None, list[dict]]:
     """Run (or resume) the sweep. Returns (summary, records of the runs executed now)."""
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    from vllm_ext.launch import apply_cpu_env
+
+    apply_cpu_env()  # inherited by every run (and recorded in each run's env)
     ensure_workloads(cfg, log)
     check_inputs(cfg)
     runs = plan(cfg)

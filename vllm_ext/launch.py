@@ -1,7 +1,9 @@
 """Building a vLLM 0.32 engine with kvdedup on, offline or as a server.
 
-``engine_kwargs(dedup=...)`` is the single place that maps a dedup mode to vLLM engine
-arguments; ``LLM`` (offline) and ``kvdedup serve`` (``vllm_ext.cli``) both use it.
+``dedup_engine_args`` is the single place that maps a dedup mode to vLLM engine
+arguments; ``engine_kwargs``/``LLM`` (offline) and ``kvdedup serve`` (``vllm_ext.cli``)
+both use it, as they share ``SEQUENCE_OPTIONS`` and ``CPU_ENV``. Engine-free: vLLM is
+imported only when an engine is built.
 
 * ``off``: stock vLLM, untouched (the A/B baseline); prefix caching as the caller says.
 * ``observe``: stock vLLM behaviour (vLLM's hashes, unverified hits) with kvdedup's
@@ -10,7 +12,9 @@ arguments; ``LLM`` (offline) and ``kvdedup serve`` (``vllm_ext.cli``) both use i
 * ``prefix``: exact sharing with kvdedup hashes, salted per tenant, verified hits.
 * ``sequence``: ``prefix`` plus reuse of token runs stored from other requests at other
   offsets (approximate: keys re-rotated, first ``k`` tokens of each run recomputed).
-  ``dedup_options``: ``k`` (default 32), ``store_bytes`` (default 1 GiB), ``min_inject``.
+  ``dedup_options``: ``SEQUENCE_OPTIONS`` (``k`` 32, ``store_bytes`` 1 GiB, ``min_inject``
+  32); for evaluation and tests also ``inject_prompt_logprobs`` and
+  ``debug_collide_hashes`` (see ``vllm_ext.scheduler``).
 
 The plain-vLLM equivalent of ``LLM(model, dedup="prefix")`` is::
 
@@ -29,10 +33,38 @@ from typing import Any
 
 from .models import resolve_model
 
-DEDUP_MODES = ("off", "observe", "prefix", "sequence")
+#: The dedup modes and what each adds to stock vLLM (``--dedup`` help, errors, docs).
+MODES = {
+    "off": "stock vLLM, untouched (the A/B baseline)",
+    "observe": "stock behaviour plus kvdedup's per-step metrics",
+    "prefix": "verified, salted exact prefix sharing (default)",
+    "sequence": "prefix plus reuse of runs at other offsets (approximate)",
+}
+DEDUP_MODES = tuple(MODES)
 SCHEDULER_CLS = "vllm_ext.scheduler.DedupScheduler"
 CONNECTOR = {"kv_connector": "DedupConnector", "kv_connector_module_path": "vllm_ext.connector",
              "kv_role": "kv_both"}
+#: Engine arguments a dedup mode other than off sets; the caller may not set them too.
+OWNED = ("scheduler_cls", "kv_transfer_config")
+#: Sequence-mode options (``dedup_options``, ``--dedup-option KEY=INT``, a config's
+#: ``sequence:``) with the scheduler's defaults: tokens recomputed at the start of each
+#: reused run, store budget in bytes, shortest run worth injecting.
+SEQUENCE_OPTIONS = {"k": 32, "store_bytes": 1 << 30, "min_inject": 32}
+#: Set (unless already set) wherever kvdedup starts an engine or a server: the offline
+#: ``LLM``, ``kvdedup serve``, the experiment runner and its servers. vLLM 0.32's CPU
+#: worker otherwise keeps cores away from the model: one per worker, and one more when a
+#: KV connector is configured (``vllm/utils/ompmultiprocessing.py``), as every mode but
+#: off does, so on a small host the arms of an A/B would compute on different core counts.
+#: 0 gives every arm, offline or served, all cores; a server's front end (HTTP,
+#: detokenization) then shares them with the model, alike for every arm.
+CPU_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def apply_cpu_env(env=None) -> None:
+    """Set ``CPU_ENV`` in ``env`` (default ``os.environ``) where not already set."""
+    env = os.environ if env is None else env
+    for k, v in CPU_ENV.items():
+        env.setdefault(k, v)
 
 
 def on_cpu() -> bool:
@@ -57,6 +89,18 @@ def check_mode(dedup: str) -> str:
     return dedup
 
 
+def check_sequence_options(options: dict, what: str = "sequence") -> dict[str, int]:
+    """``options`` if every key is a ``SEQUENCE_OPTIONS`` key and every value an int >= 0."""
+    unknown = sorted(set(options) - set(SEQUENCE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown {what} option(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(SEQUENCE_OPTIONS)}")
+    for k, v in options.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{what}.{k} must be an int >= 0, got {v!r}")
+    return dict(options)
+
+
 def connector_config(dedup: str, trace: str | None = None, board: str | None = None,
                      options: dict | None = None) -> dict:
     extra: dict[str, Any] = {**(options or {}), "mode": dedup}
@@ -67,29 +111,48 @@ def connector_config(dedup: str, trace: str | None = None, board: str | None = N
     return {**CONNECTOR, "kv_connector_extra_config": extra}
 
 
-def engine_kwargs(dedup: str = "prefix", trace: str | None = None, board: str | None = None,
-                  dedup_options: dict | None = None, **user: Any) -> dict[str, Any]:
-    """vLLM engine arguments for ``dedup`` mode; ``user`` arguments win over defaults."""
+def dedup_engine_args(dedup: str, given: dict[str, Any], trace: str | None = None,
+                      board: str | None = None, options: dict | None = None) -> dict[str, Any]:
+    """The engine arguments ``dedup`` mode adds to those the caller ``given`` (names as
+    engine keyword arguments; only ``enable_prefix_caching``'s value is read). The one
+    mode-to-arguments mapping: ``engine_kwargs`` (offline) and ``kvdedup serve`` use it.
+    Never overrides a given argument; raises ValueError for a combination that cannot
+    work. ``kv_transfer_config`` is returned as a plain dict."""
     check_mode(dedup)
-    kw: dict[str, Any] = cpu_defaults() if on_cpu() else {}
-    kw.update(user)
     if dedup == "off":
         if trace:
             raise ValueError("--dedup-trace needs kvdedup's scheduler; use dedup 'observe' "
                              "to trace stock vLLM behaviour")
-        return kw
+        return {}
+    for name in OWNED:
+        if name in given:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) is set by --dedup {dedup}; "
+                             "use dedup 'off' to pass your own")
+    add: dict[str, Any] = {}
     if dedup in ("prefix", "sequence"):
-        if dedup == "prefix" and kw.get("enable_prefix_caching") is False:
-            raise ValueError("dedup 'prefix' shares blocks through the prefix cache; "
-                             "do not pass enable_prefix_caching=False")
-        kw.setdefault("enable_prefix_caching", True)
+        if dedup == "prefix" and given.get("enable_prefix_caching") is False:
+            raise ValueError("dedup 'prefix' shares blocks through the prefix cache; do not "
+                             "pass enable_prefix_caching=False (--no-enable-prefix-caching)")
+        if "enable_prefix_caching" not in given:
+            add["enable_prefix_caching"] = True
         # vLLM still hashes each request once at arrival before kvdedup rehashes it;
         # its cheapest hash keeps that cost small (those hashes are discarded).
-        kw.setdefault("prefix_caching_hash_algo", "xxhash")
-    kw["scheduler_cls"] = SCHEDULER_CLS
-    kw["kv_transfer_config"] = _kv_transfer_config(
-        connector_config(dedup, trace, board, dedup_options))
-    return kw
+        if "prefix_caching_hash_algo" not in given:
+            add["prefix_caching_hash_algo"] = "xxhash"
+    add["scheduler_cls"] = SCHEDULER_CLS
+    add["kv_transfer_config"] = connector_config(dedup, trace, board, options)
+    return add
+
+
+def engine_kwargs(dedup: str = "prefix", trace: str | None = None, board: str | None = None,
+                  dedup_options: dict | None = None, **user: Any) -> dict[str, Any]:
+    """vLLM engine arguments for ``dedup`` mode; ``user`` arguments win over defaults."""
+    kw: dict[str, Any] = cpu_defaults() if on_cpu() else {}
+    kw.update(user)
+    add = dedup_engine_args(dedup, kw, trace, board, dedup_options)
+    if "kv_transfer_config" in add:
+        add["kv_transfer_config"] = _kv_transfer_config(add["kv_transfer_config"])
+    return {**kw, **add}
 
 
 def _kv_transfer_config(cfg: dict):
@@ -104,8 +167,7 @@ def LLM(model: str, dedup: str = "prefix", trace: str | None = None,
     hub id). Read its dedup counters with ``vllm_ext.dedup_stats(llm)``. ``dedup_options``
     go to the scheduler (see ``vllm_ext.scheduler``)."""
     check_mode(dedup)
-    if on_cpu():
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    apply_cpu_env()
     board = None
     if dedup != "off":
         fd, board = tempfile.mkstemp(prefix="kvdedup-board-", suffix=".f64")
@@ -123,8 +185,9 @@ def dedup_stats(llm) -> dict[str, Any]:
 
     board = getattr(llm, "kvdedup_board", None)
     if not board:
-        raise ValueError("dedup_stats needs an engine built by vllm_ext.LLM with dedup "
-                         "'prefix' or 'observe' (this one has no kvdedup scheduler)")
+        raise ValueError("dedup_stats needs an engine built by vllm_ext.LLM with a dedup "
+                         f"mode other than 'off' ({', '.join(DEDUP_MODES[1:])}); this one "
+                         "has no kvdedup scheduler")
     stats = read_board(board)
     q = stats["prefix_queries"]
     stats["hit_rate"] = stats["prefix_hits"] / q if q else 0.0

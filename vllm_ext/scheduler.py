@@ -42,13 +42,14 @@ from vllm.v1.request import RequestStatus
 
 from .hasher import adopt_request, make_request_block_hasher
 from .kv_manager import VerifiedKVCacheManager
+from .launch import DEDUP_MODES, SEQUENCE_OPTIONS
 from .metrics import StepRecorder, StepStats
 from .sequence import SequenceState
 from .version import check_vllm_version
 
 check_vllm_version()
 
-MODES = ("prefix", "sequence", "observe")
+MODES = tuple(m for m in DEDUP_MODES if m != "off")  # the modes this scheduler runs
 
 
 def dedup_settings(vllm_config) -> dict:
@@ -90,11 +91,10 @@ class DedupScheduler(Scheduler):
                                  "(build the engine with vllm_ext.launch)")
             if self.has_mamba_layers:
                 raise ValueError("kvdedup sequence mode supports attention-only models")
+            opts = {k: int(settings.get(k, v)) for k, v in SEQUENCE_OPTIONS.items()}
             self.sequence = SequenceState(
                 block_size=self.block_size,
-                bytes_per_token=self._bytes_per_block // self.block_size,
-                store_bytes=int(settings.get("store_bytes", 1 << 30)),
-                k=int(settings.get("k", 32)), min_inject=int(settings.get("min_inject", 32)),
+                bytes_per_token=self._bytes_per_block // self.block_size, **opts,
                 inject_prompt_logprobs=bool(settings.get("inject_prompt_logprobs", False)))
             self.need_mamba_block_aligned_split = True
             self.kv_cache_manager.cache_limit = self.sequence.exact_limit
