@@ -16,7 +16,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["dedup", "vllm_ext", "experiments", "experiments.workloads", "analysis"],
-    package_data={"experiments": ["configs/*.yaml"]},
+    package_data={"experiments": ["configs/*.yaml"], "vllm_ext": ["contract.yaml"]},
     install_requires=[
         "numpy>=1.26",
         "xxhash>=3.4",
