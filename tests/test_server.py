@@ -151,7 +151,7 @@ def test_bad_request_gets_clear_error_and_server_keeps_serving(server, prompt):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=model, prompt=prompt, max_tokens=4)
     msg = str(err.value).lower()
-    assert ("at least one prompt" in msg) if not prompt else ("maximum" in msg or "max" in msg)
+    assert ("at least one prompt" in msg) if not prompt else ("maximum" in msg)
     ok = client.completions.create(model=model, prompt=[11, 12, 13], max_tokens=4)
     assert ok.usage.completion_tokens == 4
     assert proc.poll() is None
