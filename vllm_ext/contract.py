@@ -57,12 +57,11 @@ def load(path: Path = CONTRACT_FILE) -> tuple[Use, ...]:
 USES: tuple[Use, ...] = load()
 
 
-def _resolve(use: Use):
-    obj = importlib.import_module(use.module)
-    owner = None
-    for part in use.name.split(".") if use.name else ():
-        owner, obj = obj, getattr(obj, part)
-    return owner, obj
+def _resolve(module: str, name: str):
+    obj = importlib.import_module(module)
+    for part in name.split(".") if name else ():
+        obj = getattr(obj, part)
+    return obj
 
 
 def _assigned_in_source(cls: type, attr: str) -> bool:
@@ -93,11 +92,10 @@ def check_use(use: Use) -> str | None:
     head, _, attr = use.name.rpartition(".")
     try:
         if use.kind == "attribute":
-            owner = _resolve(Use(use.module, head, "class", "", ""))[1] if head \
-                else importlib.import_module(use.module)
+            owner = _resolve(use.module, head)
             ok = _has_attribute(owner, attr) if isinstance(owner, type) else hasattr(owner, attr)
             return None if ok else f"{where}: attribute not found"
-        _, obj = _resolve(use)
+        obj = _resolve(use.module, use.name)
     except (ImportError, AttributeError) as exc:
         return f"{where}: not found ({type(exc).__name__}: {exc})"
     if use.kind == "module":
