@@ -142,7 +142,7 @@ def test_forced_hash_collision_is_rejected_and_output_exact(engines, trace):
     assert _stats(llm)["prefix_hits"] - after["prefix_hits"] >= 3 * B
 
 
-@pytest.mark.parametrize("prompt,needle", [([], "empty"), ([7] * 2000, "longer than")])
+@pytest.mark.parametrize("prompt,needle", [([], "empty"), ([7] * 2000, "maximum context length")])
 def test_bad_prompt_is_refused_and_engine_keeps_serving(engines, prompt, needle):
     llm = engines.get("prefix-collide", **COMMON, dedup="prefix",
                       dedup_options={"debug_collide_hashes": True})
