@@ -48,6 +48,7 @@ import numpy as np
 import xxhash
 
 from analysis import AnalysisError
+from analysis.borrow import shared_footprints
 from analysis.simulate import RequestFootprint, simulate_kv_blocks, SIMULATION_MODEL
 from experiments.workloads.format import Request, WorkloadError, load_workload
 
@@ -265,8 +266,9 @@ def _audit_block_size(
     block_size: int,
     concurrency: int,
     run_spans: list[list[tuple[int, int, bytes]]],
+    shared_kwargs: dict,
 ) -> dict:
-    """All per-block-size numbers: prefix & block rules + simulation."""
+    """All per-block-size numbers: prefix, block and shared rules + simulation."""
     b = block_size
     total_tokens = sum(len(t) for t in prompts)
     total_full_blocks = sum(len(t) // b for t in prompts)
@@ -300,6 +302,7 @@ def _audit_block_size(
             RequestFootprint(n, out_len, tuple((d, e - s) for s, e, d in spans))
         )
 
+    footprints["shared"], borrowed = shared_footprints(prompts, outputs, b, **shared_kwargs)
     block_hit_tok = block_hit_blocks * b
     sim = {
         rule: simulate_kv_blocks(fps, b, concurrency, token_granular=(rule == "run"))
@@ -322,6 +325,8 @@ def _audit_block_size(
             "shareable_fraction": _frac(block_hit_tok, total_tokens),
             "shareable_block_fraction": _frac(block_hit_blocks, total_full_blocks),
         },
+        "shared": dict(borrowed, borrowed_fraction=_frac(borrowed["borrowed_tokens"],
+                                                           total_tokens)),
         "simulation": sim,
     }
 
@@ -353,8 +358,11 @@ def audit_requests(
     block_sizes: Sequence[int] = (16,),
     concurrency: int = 16,
     chunk_kwargs: dict | None = None,
+    k: int = 32,
+    min_inject: int = 32,
 ) -> dict:
-    """Audit already-loaded requests; see :func:`audit_workload` for the keys."""
+    """Audit already-loaded requests; see :func:`audit_workload` for the keys. ``k`` and
+    ``min_inject`` are shared mode's settings for the ``shared`` rule."""
     if not requests:
         raise AnalysisError("no requests to audit")
     if not block_sizes:
@@ -375,8 +383,10 @@ def audit_requests(
             raise AnalysisError(f"dedup.hashing.chunk_runs returned a bad span for request {i}")
     runs = _audit_runs(run_spans, total_tokens)
 
+    shared_kwargs = {"k": k, "min_inject": min_inject, "chunk_kwargs": ckw}
     per_bs = {
-        str(b): _audit_block_size(prompts, outputs, b, concurrency, run_spans) for b in sizes
+        str(b): _audit_block_size(prompts, outputs, b, concurrency, run_spans, shared_kwargs)
+        for b in sizes
     }
     first = per_bs[str(sizes[0])]
     return {
@@ -400,6 +410,8 @@ def audit_workload(
     block_sizes: Sequence[int] = (16,),
     concurrency: int = 16,
     chunk_kwargs: dict | None = None,
+    k: int = 32,
+    min_inject: int = 32,
 ) -> dict:
     """Audit a workload file.
 
@@ -414,7 +426,7 @@ def audit_workload(
     """
     reqs = read_workload(path)
     result = {"workload": str(path)}
-    result.update(audit_requests(reqs, block_sizes, concurrency, chunk_kwargs))
+    result.update(audit_requests(reqs, block_sizes, concurrency, chunk_kwargs, k, min_inject))
     meta_path = find_workload_meta(path)
     result["meta_file"] = None if meta_path is None else str(meta_path)
     result["meta"] = _read_meta(Path(path))

@@ -60,12 +60,16 @@ class RequestFootprint:
 
     ``shared`` is a sequence of ``(key, cost_tokens)``: for block rules one
     entry per full prompt block (cost = block size), for the run rule one
-    entry per content-defined run (cost = run length).
+    entry per content-defined run (cost = run length). ``covered`` (block rules)
+    is how many of the request's own logical blocks the keys stand for, when that
+    differs from ``len(shared)`` (shared mode: a borrowed range of n blocks may read
+    n + 1 misaligned source blocks).
     """
 
     prompt_len: int
     output_len: int
     shared: Sequence[tuple[Hashable, int]]
+    covered: int | None = None
 
 
 def _ceil_div(a: np.ndarray, b: int) -> np.ndarray:
@@ -95,10 +99,11 @@ def simulate_kv_blocks(
     n = len(footprints)
     prompt = np.array([f.prompt_len for f in footprints], dtype=np.int64)
     dur = np.array([max(int(f.output_len), 1) for f in footprints], dtype=np.int64)
-    nkeys = np.array([len(f.shared) for f in footprints], dtype=np.int64)
+    nkeys = np.array([len(f.shared) if f.covered is None else f.covered for f in footprints],
+                     dtype=np.int64)
     covered = np.array([sum(cst for _, cst in f.shared) for f in footprints], dtype=np.int64)
-    if not token_granular and np.any(nkeys > prompt // b):
-        raise AnalysisError("a block-rule footprint has more keys than full prompt blocks")
+    if not token_granular and np.any(nkeys > _ceil_div(prompt, b)):
+        raise AnalysisError("a block-rule footprint covers more blocks than its prompt")
 
     refcount: dict[Hashable, int] = {}
     key_cost: dict[Hashable, int] = {}

@@ -107,3 +107,15 @@ def plan_injections(tokens: Sequence[int] | np.ndarray, chunks: Sequence[Chunk],
             inj.pieces.append(Piece(c.digest, off, hi - lo, lo, src.start + off))
         out.append(inj)
     return out
+
+
+def borrow_range(inj: Injection, block_size: int, min_tokens: int) -> tuple[int, int] | None:
+    """The whole reader blocks inside ``[inj.stop, inj.end)``: ``(stop, end)`` rounded
+    inwards to multiples of ``block_size``, or None when under ``max(block_size,
+    min_tokens)`` tokens remain. Shared mode borrows exactly this range; the tokens it
+    leaves at either edge are computed."""
+    stop = -(-inj.stop // block_size) * block_size
+    end = inj.end // block_size * block_size
+    if end - stop < max(block_size, min_tokens):
+        return None
+    return stop, end

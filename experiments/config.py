@@ -75,7 +75,7 @@ import yaml
 
 from dedup.paths import cache_root
 from experiments.schema import ARMS, KINDS
-from vllm_ext.launch import SEQUENCE_OPTIONS, check_sequence_options
+from vllm_ext.launch import DEDUP_OPTIONS, check_options, mode_options
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TOP_KEYS = {"name", "kind", "model", "arms", "reps", "engine", "workloads", "num_blocks",
@@ -285,9 +285,10 @@ def _sequence_options(raw: Any, where: str) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: sequence must map {' / '.join(SEQUENCE_OPTIONS)} to ints")
+        raise ConfigError(f"{where}: sequence must map {' / '.join(DEDUP_OPTIONS)} "
+                          "to values")
     try:
-        return check_sequence_options(raw)
+        return check_options(raw)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -299,8 +300,8 @@ def arm_engine_kwargs(arm: str, sequence: dict | None = None) -> tuple[str, dict
         return "observe", {"enable_prefix_caching": False}
     if arm == "vllm-apc":
         return "observe", {"enable_prefix_caching": True}
-    if arm == "sequence":
-        return "sequence", {"dedup_options": dict(sequence or {})}
+    if arm in ("sequence", "shared"):  # the mode reads its own of the config's options
+        return arm, {"dedup_options": mode_options(arm, sequence)}
     return "prefix", {}
 
 

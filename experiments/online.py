@@ -85,12 +85,14 @@ def log_tail(path: Path, n: int = 30) -> str:
     return "\n".join(lines[-n:])
 
 
-def start_server(cmd: list[str], port: int, log_path: Path, timeout_s: float = 300.0) -> Server:
-    """Start ``cmd`` (its own process group, output to ``log_path``) and wait for health."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+def start_server(cmd: list[str], port: int, log_path: Path, timeout_s: float = 300.0,
+                 env: dict[str, str] | None = None) -> Server:
+    """Start ``cmd`` (its own process group, output to ``log_path``, this process's
+    environment plus ``env``) and wait for health."""
     from vllm_ext.launch import apply_cpu_env
 
-    env = dict(os.environ)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **(env or {})}
     apply_cpu_env(env)
     repo = str(Path(__file__).resolve().parent.parent)
     logf = open(log_path, "w", encoding="utf-8")
@@ -326,7 +328,12 @@ def run_online(spec: dict) -> dict:
     port = free_port()
     cmd = server_command(spec["model_dir"], spec["arm"], spec["engine"], spec["num_blocks"],
                          port, trace=spec.get("trace"), sequence=spec.get("sequence"))
-    srv = start_server(cmd, port, Path(spec["log"]), online["server_start_timeout_s"])
+    from experiments.config import arm_engine_kwargs
+    from vllm_ext.launch import dedup_env
+
+    mode, _ = arm_engine_kwargs(spec["arm"], spec.get("sequence"))
+    srv = start_server(cmd, port, Path(spec["log"]), online["server_start_timeout_s"],
+                       env=dedup_env(mode))
     try:
         results, duration = run_client(srv.base_url, prompts, max_tokens, arrivals,
                                        online["request_timeout_s"],

@@ -200,7 +200,7 @@ def test_audit_simulation_in_json(tmp_path):
     path = write_workload(tmp_path / "w.jsonl", [t + fresh(8) for _ in range(6)], output_len=10)
     res = audit_workload(path, [16, 32], concurrency=3)
     sim = res["per_block_size"]["16"]["simulation"]
-    assert set(sim) == {"none", "prefix", "block", "run"}
+    assert set(sim) == {"none", "prefix", "block", "run", "shared"}
     assert sim["none"]["peak_physical_blocks"] == sim["none"]["peak_logical_blocks"]
     # 72-token prompts, 10 steps: the last step holds 72+9 = 81 tokens = 6 blocks each;
     # 3 running requests share the 4 template blocks: 3*6 logical vs 4 + 3*(6-4) physical
@@ -267,3 +267,26 @@ def test_bad_arguments(tmp_path, capsys):
         prefix_hit_tokens([[1, 2]], 0)
     assert main(["audit", str(path), "--run-min-len", "300", "--run-max-len", "10"]) == 2
     assert "chunk_runs rejected" in capsys.readouterr().err
+
+
+def test_shared_rule_counts_a_borrowed_document_once(tmp_path):
+    """Documents after different instructions: the shared rule borrows them (whole blocks
+    inside each run after k tokens) and holds them once; with no recurrence it equals the
+    prefix rule."""
+    rng = np.random.default_rng(7)
+    doc = rng.integers(3, 2000, size=640).tolist()
+    prompts = [rng.integers(3, 2000, size=int(n)).tolist() + doc for n in (33, 50, 71, 90)]
+    path = write_workload(tmp_path / "w.jsonl", prompts, output_len=4)
+    res = audit_workload(path, [32], concurrency=4)
+    r = res["per_block_size"]["32"]
+    sim = r["simulation"]
+    assert r["shared"]["borrowed_runs"] == 3 and r["shared"]["borrowed_tokens"] >= 3 * 480
+    assert sim["shared"]["peak_physical_blocks"] < 0.5 * sim["prefix"]["peak_physical_blocks"]
+    assert sim["shared"]["peak_logical_blocks"] == sim["prefix"]["peak_logical_blocks"]
+    plain = write_workload(tmp_path / "p.jsonl",
+                           [rng.integers(3, 2000, size=500).tolist() for _ in range(4)],
+                           output_len=4)
+    r2 = audit_workload(plain, [32], concurrency=4)["per_block_size"]["32"]
+    assert r2["shared"]["borrowed_runs"] == 0
+    assert r2["simulation"]["shared"]["peak_physical_blocks"] == \
+        r2["simulation"]["prefix"]["peak_physical_blocks"]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from vllm_ext.cli import given_flags, parse_options, serve_command
-from vllm_ext.launch import (CPU_ENV, DEDUP_MODES, SEQUENCE_OPTIONS, apply_cpu_env,
-                             check_sequence_options, dedup_engine_args, engine_kwargs)
+from vllm_ext.launch import (CPU_ENV, DEDUP_MODES, DEDUP_OPTIONS, OPTION_CHOICES, apply_cpu_env,
+                             check_options, dedup_engine_args, engine_kwargs, mode_options)
 
 
 @pytest.mark.parametrize("mode", DEDUP_MODES)
@@ -39,13 +39,20 @@ def test_a_mode_never_overrides_what_the_caller_set():
 def test_one_option_whitelist_for_cli_and_configs():
     from experiments.config import ConfigError, _sequence_options
 
-    assert parse_options([f"{k}=1" for k in SEQUENCE_OPTIONS]) == dict.fromkeys(SEQUENCE_OPTIONS, 1)
-    assert check_sequence_options({"k": 0}) == {"k": 0}
-    for bad in (["bogus=1"], ["k=x"]):
+    ints = [k for k in DEDUP_OPTIONS if k not in OPTION_CHOICES]
+    assert parse_options([f"{k}=1" for k in ints] + ["eviction=lru"]) == \
+        {**dict.fromkeys(ints, 1), "eviction": "lru"}
+    assert check_options({"k": 0}) == {"k": 0}
+    for bad in (["bogus=1"], ["k=x"], ["eviction=fifo"]):
         with pytest.raises(ValueError):
             parse_options(bad)
     with pytest.raises(ConfigError, match="unknown sequence option"):
         _sequence_options({"bogus": 1}, "cfg")
+    with pytest.raises(ConfigError, match="eviction must be frequency or lru"):
+        _sequence_options({"eviction": "fifo"}, "cfg")
+    both = {"k": 8, "store_bytes": 99, "eviction": "lru"}
+    assert mode_options("sequence", both) == {"k": 8, "store_bytes": 99}
+    assert mode_options("shared", both) == {"k": 8, "eviction": "lru"}
 
 
 def test_cpu_env_is_a_default_not_an_override():

@@ -14,6 +14,8 @@ LAYERS = ("dedup", "vllm_ext", "experiments", "analysis")
 VLLM_OUTSIDE_VLLM_EXT = {
     "dedup/bench.py": "times vLLM's own block hasher against kvdedup's (benchmark only)",
     "experiments/sequence_quality.py": "reworked on its own branch (quality metrics)",
+    "experiments/kernel_bench.py": "times kvdedup's attention kernel against vLLM's CPU "
+                                   "kernel (benchmark only)",
 }
 ENGINE_FREE = (
     "dedup", "dedup.hashing", "dedup.index", "dedup.planner", "dedup.ledger", "dedup.paths",

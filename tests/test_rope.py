@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vllm_ext.kv_store import WorkerKVStore
-from vllm_ext.rope import RotaryParams, UnsupportedPositionalEncoding, rotate, rotation
+from vllm_ext.rope import RotaryParams, UnsupportedPositionalEncoding, rerotate, rotate, rotation
 
 N = 48
 
@@ -94,6 +94,9 @@ def test_pieces_with_their_own_deltas_match_one_piece_at_a_time():
     first = _inject(store, [(b"d", 0, 20, 7)], at=300)
     second = _inject(store, [(b"d", 20, 28, -3)], at=400)
     assert torch.equal(cache[both], torch.cat([cache[first], cache[second]]))
+    # rope.rerotate (the kernels' torch reference) agrees with the store's path
+    assert torch.allclose(cache[both], rerotate(k, torch.tensor([7] * 20 + [-3] * 28), params),
+                          atol=1e-6)
     # a zero delta next to a non-zero one leaves those keys bit-identical
     mixed = _inject(store, [(b"d", 0, 10, 0), (b"d", 10, 5, 9)], at=600)
     assert torch.equal(cache[mixed][:10], k[:10])

@@ -55,7 +55,10 @@ def _overrides(cls):
 @pytest.mark.parametrize("where,cls", [
     ("vllm_ext.scheduler", "DedupScheduler"), ("vllm_ext.kv_manager", "VerifiedKVCacheManager"),
     ("vllm_ext.connector", "DedupConnector"), ("vllm_ext.connector", "DedupConnectorStats"),
-    ("vllm_ext.connector", "DedupPromMetrics"), ("vllm_ext.stat_logger", "DedupStatLogger")])
+    ("vllm_ext.connector", "DedupPromMetrics"), ("vllm_ext.stat_logger", "DedupStatLogger"),
+    ("vllm_ext.attention", "SharedCPUAttentionImpl"),
+    ("vllm_ext.attention", "SharedCPUAttentionBackend"),
+    ("vllm_ext.block_pool", "SharedBlockPool")])
 def test_every_vllm_method_kvdedup_overrides_is_in_the_contract(where, cls):
     import importlib
 
@@ -98,3 +101,11 @@ def test_plugin_warns_instead_of_failing(monkeypatch, caplog):
     finally:
         version.check_vllm_version.cache_clear()
     assert "refuse to load" in caplog.text
+
+
+def test_a_module_written_twice_is_refused(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("vllm:\n  - {name: LLM, kind: class, used_by: t, why: t}\n"
+                 "vllm:\n  - {name: LLM, kind: class, used_by: t, why: t}\n")
+    with pytest.raises(ValueError, match="repeated keys"):
+        contract.load(p)

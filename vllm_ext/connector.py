@@ -35,7 +35,8 @@ from .version import check_vllm_version
 check_vllm_version()
 
 GAUGES = ("logical_blocks", "physical_blocks", "dedup_ratio", "bytes_saved", "num_running",
-          "store_bytes", "store_entries")
+          "store_bytes", "store_entries", "borrowed_blocks", "shared_bytes_saved",
+          "held_source_blocks")
 
 
 @dataclass
@@ -63,7 +64,8 @@ class DedupConnectorStats(KVConnectorStats):
                 "prefix_hit_rate": round(s.get("prefix_hits", 0) / q, 4) if q else 0.0,
                 "verified_hits": s.get("verified_hits", 0),
                 "collisions": s.get("collisions", 0),
-                "sequence_hits": s.get("sequence_hits", 0)}
+                "sequence_hits": s.get("sequence_hits", 0),
+                "borrowed_blocks": s.get("borrowed_blocks", 0)}
 
     def is_empty(self) -> bool:
         return not self.data.get("kvdedup")
@@ -100,13 +102,15 @@ class DedupPromMetrics(KVConnectorPromMetrics):
 
 @dataclass
 class DedupConnectorMetadata(KVConnectorMetadata):
-    """Per-step commands from the scheduler to the worker's KV store (sequence mode;
-    empty in prefix mode): chunks to evict, KV to inject (slots and stored pieces
-    ``(digest, offset, length, position delta)``), chunks to capture (digest, slots)."""
+    """Per-step commands from the scheduler to the workers (empty in prefix mode).
+    Sequence mode, for the KV store: chunks to evict, KV to inject (slots and stored pieces
+    ``(digest, offset, length, position delta)``), chunks to capture (digest, slots).
+    Shared mode, for the attention backend: ``borrows`` (``vllm_ext.shared.Borrow``)."""
 
     evicts: list = field(default_factory=list)
     injects: list = field(default_factory=list)
     captures: list = field(default_factory=list)
+    borrows: list = field(default_factory=list)
 
 
 class DedupConnector(KVConnectorBase_V1):
@@ -169,6 +173,12 @@ class DedupConnector(KVConnectorBase_V1):
             return
         meta = self._get_connector_metadata()
         self._store.begin_step(meta.evicts, meta.injects, meta.captures)
+
+    def step_borrows(self) -> list:
+        """Worker side, shared mode: this step's borrows (empty outside a step)."""
+        if not self.has_connector_metadata():
+            return []
+        return self._get_connector_metadata().borrows
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None

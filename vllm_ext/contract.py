@@ -39,10 +39,22 @@ class Use:
 CONTRACT_FILE = Path(__file__).with_name("contract.yaml")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, except that a repeated key is an error, not the last one wins
+    (a module written twice would otherwise drop its first entries)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"line {node.start_mark.line + 1}: repeated keys {repeated}")
+        return super().construct_mapping(node, deep)
+
+
 def load(path: Path = CONTRACT_FILE) -> tuple[Use, ...]:
     """The entries of ``contract.yaml`` (vLLM module -> list of entries), in file order;
-    an entry with a key ``Use`` does not have is an error (a typo would be ignored)."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    a repeated module, or an entry with a key ``Use`` does not have, is an error."""
+    raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
     keys = set(Use.__dataclass_fields__) - {"module"}
     uses = []
     for module, entries in raw.items():

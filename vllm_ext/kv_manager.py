@@ -13,8 +13,14 @@ Extends ``vllm.v1.core.kv_cache_manager.KVCacheManager``:
   kvdedup's counters at the same point vLLM counts its own, so unscheduled lookups are
   not counted twice.
 * ``free``: forgets the request's ledger cursor (preemption and finish free blocks).
-* sequence mode: ``cache_limit(request_id)`` caps which tokens may be registered in the
-  prefix cache (vLLM's own caching is deferred and redone up to the cap).
+* sequence and shared modes: ``cache_limit(request_id)`` caps which tokens may be
+  registered in the prefix cache (vLLM's own caching is deferred and redone up to the cap).
+* shared mode (``install_shared``): ``place_borrow`` puts the pool's null block in a
+  request's block table over a borrowed range; the next ``allocate_slots`` that succeeds
+  for the request returns those placeholders ahead of its new blocks, so the model
+  runner's copy of the table stays aligned with vLLM's. ``hold``/``release`` take and drop
+  references on source blocks (``BlockPool.touch``/``free_blocks``); the pool itself is
+  ``vllm_ext.block_pool.SharedBlockPool``.
 
 Ownership: vLLM's BlockPool owns blocks and reference counts; this class never changes
 them, it only shortens a hit before ``allocate_slots`` touches the hit blocks.
@@ -76,6 +82,7 @@ class VerifiedKVCacheManager(KVCacheManager):
         self.cache_limit = None  # request_id -> exact token limit or None (sequence mode)
         self._recorded: dict[str, int] = {}        # request id -> blocks recorded
         self._pending: dict[str, tuple[int, int]] = {}  # request id -> (verified, rejected)
+        self._unsent_nulls: dict[str, int] = {}    # request id -> placeholders not yet sent
 
     # -- lookup ------------------------------------------------------------------------
     def get_computed_blocks(self, request):
@@ -121,6 +128,9 @@ class VerifiedKVCacheManager(KVCacheManager):
             request, num_new_tokens, num_new_computed_tokens, new_computed_blocks,
             num_lookahead_tokens, num_external_computed_tokens,
             delay_cache_blocks or capped, **kwargs)
+        if out is not None and request.request_id in self._unsent_nulls:
+            n = self._unsent_nulls.pop(request.request_id)
+            out = KVCacheBlocks(([self.block_pool.null_block] * n + list(out.blocks[0]),))
         if out is None or delay_cache_blocks or not self.enable_caching:
             return out
         upto = min(before + num_new_computed_tokens + num_external_computed_tokens
@@ -143,7 +153,46 @@ class VerifiedKVCacheManager(KVCacheManager):
     def free(self, request) -> None:
         self._recorded.pop(request.request_id, None)
         self._pending.pop(request.request_id, None)
+        self._unsent_nulls.pop(request.request_id, None)
         super().free(request)
+
+    # -- shared mode: borrowed blocks ------------------------------------------------------
+    def install_shared(self, state, protect: bool = True) -> None:
+        """Shared mode: the pool reports reused blocks to ``state`` and, with ``protect``,
+        frees blocks of recurring chunks to the protected end of its free queue."""
+        from .block_pool import SharedBlockPool
+
+        SharedBlockPool.install(self.block_pool, on_reuse=state.on_reuse,
+                                protected=state.protected if protect else None)
+
+    def place_borrow(self, request_id: str, start: int, end: int) -> bool:
+        """Null placeholders over positions [start, end) (whole blocks) of a running
+        request whose table ends exactly at ``start``; False (nothing changed) otherwise."""
+        blocks = self.coordinator.single_type_managers[0].req_to_blocks.get(request_id)
+        B = self.block_size
+        if blocks is None or start % B or end % B or len(blocks) * B != start:
+            return False
+        n = (end - start) // B
+        blocks.extend([self.block_pool.null_block] * n)
+        self._unsent_nulls[request_id] = self._unsent_nulls.get(request_id, 0) + n
+        return True
+
+    def hold(self, block_ids: list[int]) -> None:
+        """Take one reference on each block (cached free blocks leave the free queue)."""
+        self.block_pool.touch([self.block_pool.blocks[i] for i in block_ids])
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop one reference on each block (``hold``'s inverse)."""
+        self.block_pool.free_blocks([self.block_pool.blocks[i] for i in block_ids])
+
+    def num_evictable(self, block_ids: list[int]) -> int:
+        """How many of these blocks sit in the free queue (holding them uses free room)."""
+        return sum(self.block_pool.blocks[i].ref_cnt == 0 for i in block_ids)
+
+    def num_borrowed_blocks(self, request_id: str) -> int:
+        """Placeholders in a request's block table (blocks it reads but does not hold)."""
+        blocks = self.coordinator.single_type_managers[0].req_to_blocks.get(request_id, ())
+        return sum(b.is_null for b in blocks)
 
     # -- occupancy ---------------------------------------------------------------------
     def num_request_blocks(self, request_id: str) -> int:

@@ -2,7 +2,7 @@
 
 ``dedup_engine_args`` is the single place that maps a dedup mode to vLLM engine
 arguments; ``engine_kwargs``/``LLM`` (offline) and ``kvdedup serve`` (``vllm_ext.cli``)
-both use it, as they share ``SEQUENCE_OPTIONS`` and ``CPU_ENV``. Engine-free: vLLM is
+both use it, as they share ``DEDUP_OPTIONS``, ``dedup_env`` and ``CPU_ENV``. Engine-free: vLLM is
 imported only when an engine is built.
 
 * ``off``: stock vLLM, untouched (the A/B baseline); prefix caching as the caller says.
@@ -12,9 +12,15 @@ imported only when an engine is built.
 * ``prefix``: exact sharing with kvdedup hashes, salted per tenant, verified hits.
 * ``sequence``: ``prefix`` plus reuse of token runs stored from other requests at other
   offsets (approximate: keys re-rotated, first ``k`` tokens of each run recomputed).
-  ``dedup_options``: ``SEQUENCE_OPTIONS`` (``k`` 32, ``store_bytes`` 1 GiB, ``min_inject``
-  32); for evaluation and tests also ``inject_prompt_logprobs`` and
-  ``debug_collide_hashes`` (see ``vllm_ext.scheduler``).
+  ``dedup_options``: ``k``, ``store_bytes``, ``min_inject`` (``DEDUP_OPTIONS``).
+* ``shared``: like ``sequence``, but a request borrows the run's KV where it already sits
+  in the block pool instead of holding a copy (one physical copy for all requests);
+  needs kvdedup's attention backend, installed by the general plugin when
+  ``KVDEDUP_SHARED_ATTENTION=1`` (``dedup_env``: set here and by ``kvdedup serve``).
+  ``dedup_options``: ``k``, ``min_inject``, ``eviction`` ("frequency", default, or "lru").
+
+Options for evaluation and tests only: ``inject_prompt_logprobs`` and
+``debug_collide_hashes`` (see ``vllm_ext.scheduler``).
 
 The plain-vLLM equivalent of ``LLM(model, dedup="prefix")`` is::
 
@@ -38,18 +44,25 @@ MODES = {
     "off": "stock vLLM, untouched (the A/B baseline)",
     "observe": "stock behaviour plus kvdedup's per-step metrics",
     "prefix": "verified, salted exact prefix sharing (default)",
-    "sequence": "prefix plus reuse of runs at other offsets (approximate)",
+    "sequence": "prefix plus reuse of runs at other offsets by copying their KV (approximate)",
+    "shared": "reuse them by borrowing the one copy in the block pool (approximate)",
 }
 DEDUP_MODES = tuple(MODES)
+SHARED_ENV = "KVDEDUP_SHARED_ATTENTION"   # the plugin installs the attention backend
 SCHEDULER_CLS = "vllm_ext.scheduler.DedupScheduler"
 CONNECTOR = {"kv_connector": "DedupConnector", "kv_connector_module_path": "vllm_ext.connector",
              "kv_role": "kv_both"}
 #: Engine arguments a dedup mode other than off sets; the caller may not set them too.
 OWNED = ("scheduler_cls", "kv_transfer_config")
-#: Sequence-mode options (``dedup_options``, ``--dedup-option KEY=INT``, a config's
-#: ``sequence:``) with the scheduler's defaults: tokens recomputed at the start of each
-#: reused run, store budget in bytes, shortest run worth injecting.
-SEQUENCE_OPTIONS = {"k": 32, "store_bytes": 1 << 30, "min_inject": 32}
+#: Options of the run-reusing modes (``dedup_options``, ``--dedup-option KEY=VALUE``, a
+#: config's ``sequence:``) with the scheduler's defaults: tokens recomputed at the start of
+#: each reused run, the sequence store's budget in bytes, the shortest run worth reusing,
+#: shared mode's free-queue order. Integer options are >= 0; the others take a choice.
+DEDUP_OPTIONS = {"k": 32, "store_bytes": 1 << 30, "min_inject": 32, "eviction": "frequency"}
+OPTION_CHOICES = {"eviction": ("frequency", "lru")}
+#: The options each mode reads.
+MODE_OPTIONS = {"sequence": ("k", "store_bytes", "min_inject"),
+                "shared": ("k", "min_inject", "eviction")}
 #: Set (unless already set) wherever kvdedup starts an engine or a server: the offline
 #: ``LLM``, ``kvdedup serve``, the experiment runner and its servers. vLLM 0.32's CPU
 #: worker otherwise keeps cores away from the model: one per worker, and one more when a
@@ -89,16 +102,32 @@ def check_mode(dedup: str) -> str:
     return dedup
 
 
-def check_sequence_options(options: dict, what: str = "sequence") -> dict[str, int]:
-    """``options`` if every key is a ``SEQUENCE_OPTIONS`` key and every value an int >= 0."""
-    unknown = sorted(set(options) - set(SEQUENCE_OPTIONS))
+def check_options(options: dict, what: str = "sequence") -> dict:
+    """``options`` if every key is a ``DEDUP_OPTIONS`` key with a valid value (ValueError
+    naming ``what.key`` otherwise)."""
+    unknown = sorted(set(options) - set(DEDUP_OPTIONS))
     if unknown:
         raise ValueError(f"unknown {what} option(s) {', '.join(unknown)}; "
-                         f"choose from {', '.join(SEQUENCE_OPTIONS)}")
+                         f"choose from {', '.join(DEDUP_OPTIONS)}")
     for k, v in options.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if k in OPTION_CHOICES:
+            if v not in OPTION_CHOICES[k]:
+                raise ValueError(f"{what}.{k} must be {' or '.join(OPTION_CHOICES[k])}, "
+                                 f"got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{what}.{k} must be an int >= 0, got {v!r}")
     return dict(options)
+
+
+def mode_options(dedup: str, options: dict | None) -> dict:
+    """The options ``dedup`` mode reads, out of ``options`` (a config's may serve several)."""
+    return {k: v for k, v in (options or {}).items() if k in MODE_OPTIONS.get(dedup, ())}
+
+
+def dedup_env(dedup: str) -> dict[str, str]:
+    """Environment the engine's processes need for ``dedup`` mode (shared mode: the
+    general plugin installs kvdedup's attention backend in every process)."""
+    return {SHARED_ENV: "1"} if dedup == "shared" else {}
 
 
 def connector_config(dedup: str, trace: str | None = None, board: str | None = None,
@@ -129,7 +158,7 @@ def dedup_engine_args(dedup: str, given: dict[str, Any], trace: str | None = Non
             raise ValueError(f"{name} (--{name.replace('_', '-')}) is set by --dedup {dedup}; "
                              "use dedup 'off' to pass your own")
     add: dict[str, Any] = {}
-    if dedup in ("prefix", "sequence"):
+    if dedup in ("prefix", "sequence", "shared"):
         if dedup == "prefix" and given.get("enable_prefix_caching") is False:
             raise ValueError("dedup 'prefix' shares blocks through the prefix cache; do not "
                              "pass enable_prefix_caching=False (--no-enable-prefix-caching)")
@@ -168,6 +197,7 @@ def LLM(model: str, dedup: str = "prefix", trace: str | None = None,
     go to the scheduler (see ``vllm_ext.scheduler``)."""
     check_mode(dedup)
     apply_cpu_env()
+    set_shared_attention(dedup == "shared")
     board = None
     if dedup != "off":
         fd, board = tempfile.mkstemp(prefix="kvdedup-board-", suffix=".f64")
@@ -177,6 +207,38 @@ def LLM(model: str, dedup: str = "prefix", trace: str | None = None,
     llm = vllm.LLM(model=resolve_model(model), **engine_kwargs(dedup, trace, board, dedup_options, **kwargs))
     llm.kvdedup_board = board
     return llm
+
+
+def set_shared_attention(on: bool) -> None:
+    """Shared mode's attention backend on or off for engines started from now on: the
+    environment variable reaches the engine-core and worker processes (whose plugin
+    installs it); this process's registry is set too, for in-process engine cores."""
+    if on:
+        if not on_cpu():
+            raise ValueError("dedup 'shared' has an attention backend for vLLM's CPU "
+                             "backend only (see docs/design.md for the GPU plan)")
+        os.environ[SHARED_ENV] = "1"
+    else:
+        os.environ.pop(SHARED_ENV, None)
+    from . import attention
+
+    attention.install() if on else attention.uninstall()
+
+
+def set_shared_attention(on: bool) -> None:
+    """Shared mode's attention backend on or off for engines started from now on: the
+    environment variable reaches the engine-core and worker processes (whose plugin
+    installs it); this process's registry is set too, for in-process engine cores."""
+    if on:
+        if not on_cpu():
+            raise ValueError("dedup 'shared' has an attention backend for vLLM's CPU "
+                             "backend only (see docs/design.md for the GPU plan)")
+        os.environ.update(dedup_env("shared"))
+    else:
+        os.environ.pop(SHARED_ENV, None)
+    from . import attention
+
+    attention.install() if on else attention.uninstall()
 
 
 def dedup_stats(llm) -> dict[str, Any]:

@@ -55,6 +55,12 @@ class StepStats:
     sequence_held: int = 0           # requests that waited for another to compute their runs
     scheduled_tokens: int = 0        # tokens computed by the model (prefill + decode)
     prefill_tokens: int = 0          # prompt tokens computed (not hit, not injected)
+    borrowed_runs: int = 0           # runs borrowed from the pool (shared mode)
+    borrowed_tokens: int = 0         # tokens whose KV was borrowed, not held (shared mode)
+    shared_edge_tokens: int = 0      # run tokens computed to align a borrow to blocks
+    borrowed_blocks: int = 0         # placeholders in running requests' block tables
+    held_source_blocks: int = 0      # distinct source blocks held for borrowers
+    shared_bytes_saved: int = 0      # (borrowed blocks - sources kept only for them) * bytes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +69,8 @@ class StepStats:
 FIELDS = [f.name for f in fields(StepStats)]
 COUNTERS = ("prefix_queries", "prefix_hits", "verified_hits", "collisions", "preemptions",
             "sequence_hits", "sequence_tokens_reused", "store_evictions", "sequence_held",
-            "scheduled_tokens", "prefill_tokens")
+            "scheduled_tokens", "prefill_tokens", "borrowed_runs", "borrowed_tokens",
+            "shared_edge_tokens")
 
 
 class StatsBoard:

@@ -77,3 +77,13 @@ def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
     torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin)
     return out
+
+
+def rerotate(keys: torch.Tensor, delta: torch.Tensor | int, params: RotaryParams) -> torch.Tensor:
+    """Keys ``[..., n, heads, head_dim]`` rotated at positions p, returned as if rotated
+    at p + delta (``delta``: an int or ``[n]`` integer tensor; leading dims, e.g. layers,
+    share it), in ``keys.dtype``: ``rotation`` then ``rotate``, as the store does per layer
+    (the torch reference of ``vllm_ext.kernels`` uses it)."""
+    cos, sin = rotation(delta, keys.shape[-3], params)
+    return rotate(keys.to(torch.float32), cos.to(keys.device), sin.to(keys.device)) \
+        .to(keys.dtype)

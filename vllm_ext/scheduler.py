@@ -42,9 +42,10 @@ from vllm.v1.request import RequestStatus
 
 from .hasher import adopt_request, make_request_block_hasher
 from .kv_manager import VerifiedKVCacheManager
-from .launch import DEDUP_MODES, SEQUENCE_OPTIONS
+from .launch import DEDUP_MODES, DEDUP_OPTIONS, MODE_OPTIONS, SHARED_ENV, check_options
 from .metrics import StepRecorder, StepStats
 from .sequence import SequenceState
+from .shared import SharedState
 from .version import check_vllm_version
 
 check_vllm_version()
@@ -84,22 +85,41 @@ class DedupScheduler(Scheduler):
         self.recorder = StepRecorder(settings.get("board"), settings.get("trace"))
         self._peak = (0, 0)  # (logical, physical) right after allocation, this step
         self._starts: dict[int, float] = {}  # id(scheduler output) -> its schedule() start
-        self.sequence: SequenceState | None = None
-        if self.dedup_mode == "sequence":
-            if self.connector is None:
-                raise ValueError("kvdedup sequence mode needs the DedupConnector "
-                                 "(build the engine with vllm_ext.launch)")
-            if self.has_mamba_layers:
-                raise ValueError("kvdedup sequence mode supports attention-only models")
-            opts = {k: int(settings.get(k, v)) for k, v in SEQUENCE_OPTIONS.items()}
-            self.sequence = SequenceState(
-                block_size=self.block_size,
-                bytes_per_token=self._bytes_per_block // self.block_size, **opts,
-                inject_prompt_logprobs=bool(settings.get("inject_prompt_logprobs", False)))
-            self.need_mamba_block_aligned_split = True
-            self.kv_cache_manager.cache_limit = self.sequence.exact_limit
-            self.connector.hold = self.sequence.should_hold
-            self.connector.finish = self.sequence.finish
+        self.sequence: SequenceState | None = None   # SharedState in shared mode
+        if self.dedup_mode in ("sequence", "shared"):
+            self._init_reuse(settings)
+
+    def _init_reuse(self, settings: dict) -> None:
+        """Sequence or shared mode: the planner state, the prefill clip, the exact cap."""
+        mode = self.dedup_mode
+        if self.connector is None:
+            raise ValueError(f"kvdedup {mode} mode needs the DedupConnector "
+                             "(build the engine with vllm_ext.launch)")
+        if self.has_mamba_layers:
+            raise ValueError(f"kvdedup {mode} mode supports attention-only models")
+        opts = check_options({k: settings[k] for k in MODE_OPTIONS[mode]
+                              if settings.get(k) is not None})
+        opts = {k: opts.get(k, DEDUP_OPTIONS[k]) for k in MODE_OPTIONS[mode]}
+        eviction = opts.pop("eviction", None)
+        common = dict(block_size=self.block_size,
+                      bytes_per_token=self._bytes_per_block // self.block_size, **opts,
+                      inject_prompt_logprobs=bool(settings.get("inject_prompt_logprobs", False)))
+        if mode == "sequence":
+            self.sequence = SequenceState(**common)
+        else:
+            from .attention import installed
+
+            if not installed():
+                raise ValueError("kvdedup shared mode needs its attention backend: start "
+                                 "the engine through vllm_ext.LLM or `kvdedup serve`, or "
+                                 f"set {SHARED_ENV}=1 in its environment")
+            self.sequence = SharedState(pool=self.kv_cache_manager, **common)
+            self.kv_cache_manager.install_shared(self.sequence,
+                                                 protect=eviction == "frequency")
+        self.need_mamba_block_aligned_split = True
+        self.kv_cache_manager.cache_limit = self.sequence.exact_limit
+        self.connector.hold = self.sequence.should_hold
+        self.connector.finish = self.sequence.finish
 
     def add_request(self, request) -> None:
         if self.verify_hits and request.request_id not in self.requests:
@@ -151,6 +171,8 @@ class DedupScheduler(Scheduler):
                 seq.after_schedule(self.requests[rid], n, mgr.get_block_ids(rid)[0])
             cmds = seq.take_commands()
             meta = out.kv_connector_metadata
+            if isinstance(seq, SharedState) and meta is not None:
+                meta.borrows = seq.take_borrows()
             if not cmds.empty() and meta is not None:
                 meta.evicts, meta.injects, meta.captures = cmds.evicts, cmds.injects, cmds.captures
                 # The worker must inject and arm captures BEFORE the forward (and after
@@ -191,7 +213,22 @@ class DedupScheduler(Scheduler):
             verified_hits=c.verified_hits, collisions=c.collisions,
             preemptions=self._preemptions, scheduled_tokens=self._scheduled,
             prefill_tokens=self._prefill,
-            **(self.sequence.stats() if self.sequence else {}))
+            **(self.sequence.stats() if self.sequence else {}),
+            **self._borrow_stats())
+
+    def _borrow_stats(self) -> dict:
+        """Shared mode: placeholders in running tables, and the bytes they save once the
+        source blocks kept alive only for borrowers are counted."""
+        if not isinstance(self.sequence, SharedState):
+            return {}
+        mgr = self.kv_cache_manager
+        running = [r.request_id for r in self.running]
+        borrowed = sum(mgr.num_borrowed_blocks(rid) for rid in running)
+        held = {b for rid in running for b in self.sequence.holds.get(rid, ())}
+        owned = {b for rid in running for b in mgr.get_block_ids(rid)[0]}
+        extra = len(held - owned)
+        return {"borrowed_blocks": borrowed,
+                "shared_bytes_saved": max(borrowed - extra, 0) * self._bytes_per_block}
 
     def shutdown(self) -> None:
         self.recorder.close()

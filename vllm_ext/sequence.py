@@ -179,13 +179,9 @@ class SequenceState:
         first = request.request_id not in self.plans
         p = self.plan(request, start)
         if first:
-            if p.injections and free_blocks is not None:
-                B = self.block_size
-                need = -(-p.injections[-1].end // B) - start // B
-                if need > free_blocks - self.reserved:
-                    self.drop(request.request_id)
-                    return 0
-                self.reserved += need
+            if free_blocks is not None and not self._admit(request, p, start, free_blocks):
+                self.drop(request.request_id)
+                return 0
             self._claim(p, start)
         for inj in p.injections:
             if start < inj.stop < start + num_new:
@@ -196,6 +192,18 @@ class SequenceState:
             cut = max((c.end for c in p.chunks if start < c.end <= end), default=end)
             return cut - start
         return num_new
+
+    def _admit(self, request, p: RequestPlan, start: int, free_blocks: int) -> bool:
+        """Does a new plan fit? Its jumps allocate whole runs at once, so it needs the
+        blocks up to the end of its last run, less what other plans reserved."""
+        if not p.injections:
+            return True
+        B = self.block_size
+        need = -(-p.injections[-1].end // B) - start // B
+        if need > free_blocks - self.reserved:
+            return False
+        self.reserved += need
+        return True
 
     def jump(self, request) -> int | None:
         """Before a step: a request standing at an injection stop skips to the run's end.
@@ -214,33 +222,42 @@ class SequenceState:
         p = self.plans.get(request.request_id)
         if p is None:
             return
-        B = self.block_size
-
-        def slots(lo: int, hi: int) -> list[int]:
-            pos = np.arange(lo, hi)
-            return (np.asarray(block_ids)[pos // B] * B + pos % B).tolist()
-
         if p.ready is not None:
             inj, p.ready = p.ready, None
             pieces = [(pc.digest, pc.offset, pc.length, pc.dst - pc.src) for pc in inj.pieces]
-            self.cmds.injects.append((slots(inj.stop, inj.end), pieces))
+            self.cmds.injects.append((self._slots(block_ids, inj.stop, inj.end), pieces))
             self.hits += 1
             self.tokens_reused += inj.num_tokens
             self._unpin(p, [pc.digest for pc in inj.pieces])
+        self._store_computed(request, p, num_scheduled, block_ids)
+
+    def _slots(self, block_ids: list[int], lo: int, hi: int) -> list[int]:
+        """The pool slots of a request's positions [lo, hi)."""
+        B = self.block_size
+        pos = np.arange(lo, hi)
+        return (np.asarray(block_ids)[pos // B] * B + pos % B).tolist()
+
+    def _store_computed(self, request, p: RequestPlan, num_scheduled: int,
+                        block_ids: list[int]) -> None:
+        """Index the exact chunks this step computed (first sighting)."""
         done = min(request.num_computed_tokens, p.exact_limit)
         if done <= p.captured_upto:
             return
         lo = request.num_computed_tokens - num_scheduled
-        src = request.request_id
         for c in p.chunks:
             if c.start < p.captured_upto or c.end > done:
                 continue
             if c.start >= lo and c.digest not in self.index:
                 toks = np.asarray(request.prompt_token_ids[c.start:c.end], dtype=np.int64)
-                if self.index.insert(c.digest, toks, ChunkSource(src, c.start),
-                                     (c.end - c.start) * self.bytes_per_token):
-                    self.cmds.captures.append((c.digest, slots(c.start, c.end), c.start))
+                self._store_chunk(request, c, toks, block_ids)
         p.captured_upto = done
+
+    def _store_chunk(self, request, c: Chunk, toks: np.ndarray, block_ids: list[int]) -> None:
+        """Sequence mode: index the chunk and have the worker copy its KV."""
+        if self.index.insert(c.digest, toks, ChunkSource(request.request_id, c.start),
+                             (c.end - c.start) * self.bytes_per_token):
+            self.cmds.captures.append((c.digest, self._slots(block_ids, c.start, c.end),
+                                       c.start))
 
     def stats(self) -> dict:
         st = self.index.stats()

@@ -42,9 +42,10 @@ class DedupStatLogger(StatLoggerBase):
         hit = s["prefix_hits"] / s["prefix_queries"] if s["prefix_queries"] else 0.0
         logger.info("kvdedup engine %d: blocks logical=%d physical=%d ratio=%.2f "
                     "saved=%.1f MiB prefix hit=%.1f%% verified=%d collisions=%d "
-                    "sequence hits=%d", self.engine_index, s["logical_blocks"],
-                    s["physical_blocks"], s["dedup_ratio"], s["bytes_saved"] / 2**20,
-                    100 * hit, s["verified_hits"], s["collisions"], s["sequence_hits"])
+                    "sequence hits=%d borrowed tokens=%d", self.engine_index,
+                    s["logical_blocks"], s["physical_blocks"], s["dedup_ratio"],
+                    s["bytes_saved"] / 2**20, 100 * hit, s["verified_hits"], s["collisions"],
+                    s["sequence_hits"], s.get("borrowed_tokens", 0))
 
     def log_engine_initialized(self) -> None:
         pass

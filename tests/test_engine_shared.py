@@ -1,0 +1,152 @@
+"""Shared mode on a real vLLM engine (tiny model): borrowed runs give exact outputs from
+an identical context, hold fewer blocks, leak none, and keep tenants and the exact prefix
+cache clean.
+
+Engines, one alive at a time: stock APC-off for reference outputs; shared with APC off
+and k=0 (borrows from identical contexts); shared with APC on and k=32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.engine
+
+B = 32
+TINY = dict(model="tiny", max_model_len=768, enforce_eager=True, seed=0)
+
+
+def _tokens(seed, n):
+    return np.random.default_rng(seed).integers(3, 2000, size=n).tolist()
+
+
+def _greedy(llm, prompts, max_tokens=16, salts=None):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    reqs = [{"prompt_token_ids": p, **({"cache_salt": s} if s else {})}
+            for p, s in zip(prompts, salts or [None] * len(prompts))]
+    outs = llm.generate(reqs, sp, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _stats(llm):
+    import vllm_ext
+
+    return vllm_ext.dedup_stats(llm)
+
+
+def _delta(s1, s0, key):
+    return s1.get(key, 0) - s0.get(key, 0)
+
+
+P, D = _tokens(1, 40), _tokens(2, 400)
+A = P + D + _tokens(4, 10)
+SAME_CONTEXT = [P + D + _tokens(10 + i, 12) for i in range(6)]
+MIXED = [_tokens(60, 300), _tokens(61, 120)]          # share nothing with A
+
+
+@pytest.fixture(scope="module")
+def reference(engines):
+    """Greedy outputs of stock vLLM (APC off) for every prompt the exact tests use."""
+    llm = engines.get("stock-noapc", **TINY, num_gpu_blocks_override=80, dedup="off",
+                      enable_prefix_caching=False)
+    prompts = [A, *SAME_CONTEXT, *MIXED]
+    return {tuple(p): o for p, o in zip(prompts, _greedy(llm, prompts, max_tokens=48))}
+
+
+def _shared_k0(engines, blocks=30):
+    # 30 blocks: two 452-token SAME_CONTEXT requests (15 blocks each, 11 of them
+    # borrowed) fit together with the source; four do not without borrowing.
+    return engines.get(f"shared-k0-{blocks}", **TINY, num_gpu_blocks_override=blocks,
+                       dedup="shared", enable_prefix_caching=False, dedup_options={"k": 0})
+
+
+def test_run_borrowed_from_identical_context_gives_the_exact_output(engines, reference):
+    llm = _shared_k0(engines)
+    assert _greedy(llm, [A]) == [reference[tuple(A)][:16]]
+    s0 = _stats(llm)
+    out = _greedy(llm, [SAME_CONTEXT[0]])
+    s1 = _stats(llm)
+    assert _delta(s1, s0, "borrowed_runs") >= 1
+    assert _delta(s1, s0, "borrowed_tokens") >= 320          # 10+ whole blocks of D
+    assert out == [reference[tuple(SAME_CONTEXT[0])][:16]]
+    assert s1["physical_blocks"] == 0 and s1["held_source_blocks"] == 0
+
+
+def test_concurrent_borrowers_hold_one_copy_and_release_it(engines, reference):
+    llm = _shared_k0(engines, blocks=80)
+    _greedy(llm, [A], max_tokens=1)
+    s0 = _stats(llm)
+    outs = _greedy(llm, SAME_CONTEXT, max_tokens=48)
+    s1 = _stats(llm)
+    assert outs == [reference[tuple(p)] for p in SAME_CONTEXT]
+    assert _delta(s1, s0, "borrowed_runs") >= 5
+    # 6 requests x 15-16 blocks without sharing; borrowing keeps D's 12-13 blocks once
+    assert s1["peak_physical_blocks"] < 6 * 15 * 0.5
+    assert s1["peak_logical_blocks"] >= 6 * 15
+    assert s1["physical_blocks"] == 0 and s1["held_source_blocks"] == 0
+
+
+def test_borrowers_and_plain_requests_in_one_batch(engines, reference):
+    """Decode steps mix borrower rows (kvdedup's kernel) with plain rows (the stock
+    kernel on a sub-batch), in the order vLLM's model runner puts them."""
+    llm = _shared_k0(engines, blocks=80)
+    _greedy(llm, [A], max_tokens=1)
+    prompts = [MIXED[0], SAME_CONTEXT[2], MIXED[1], SAME_CONTEXT[3]]
+    outs = _greedy(llm, prompts, max_tokens=48)
+    assert outs == [reference[tuple(p)] for p in prompts]
+
+
+def test_preemption_of_borrowers_completes_exactly_and_leaks_nothing(engines, reference):
+    llm = _shared_k0(engines, blocks=30)
+    s0 = _stats(llm)
+    outs = _greedy(llm, SAME_CONTEXT, max_tokens=48)
+    s1 = _stats(llm)
+    assert _delta(s1, s0, "preemptions") > 0, "30 blocks did not force preemption"
+    assert _delta(s1, s0, "borrowed_runs") > 0
+    assert outs == [reference[tuple(p)] for p in SAME_CONTEXT]
+    assert s1["physical_blocks"] == 0 and s1["held_source_blocks"] == 0
+
+
+def _shared_apc(engines):
+    return engines.get("shared-apc", **TINY, num_gpu_blocks_override=160, dedup="shared",
+                       dedup_options={"k": 32})
+
+
+def test_tenants_never_borrow_from_each_other(engines):
+    llm = _shared_apc(engines)
+    doc = _tokens(70, 400)
+    _greedy(llm, [_tokens(71, 30) + doc + [5]], salts=["tenant-a"])
+    s0 = _stats(llm)
+    _greedy(llm, [_tokens(72, 45) + doc + [6]], salts=["tenant-b"])
+    s1 = _stats(llm)
+    assert _delta(s1, s0, "borrowed_runs") == 0
+    _greedy(llm, [_tokens(73, 45) + doc + [6]], salts=["tenant-a"])
+    assert _delta(_stats(llm), s1, "borrowed_runs") >= 1
+
+
+def test_borrowed_and_later_blocks_never_enter_the_prefix_cache(engines):
+    llm = _shared_apc(engines)
+    from dedup.hashing import chunk_runs
+
+    doc, p2 = _tokens(80, 400), _tokens(81, 70)
+    src = _tokens(82, 40) + doc + [5]
+    _greedy(llm, [src])
+    s0 = _stats(llm)
+    borrower = p2 + doc + _tokens(83, 10)
+    _greedy(llm, [borrower])                         # borrows the document
+    s1 = _stats(llm)
+    assert _delta(s1, s0, "borrowed_runs") >= 1
+    # A request sharing the borrower's prompt up to the middle of the document may only
+    # hit blocks before the borrower's first borrowed block (run start + k, rounded up).
+    stored = {ch.digest for ch in chunk_runs(src)}
+    run_start = next(ch.start for ch in chunk_runs(borrower) if ch.digest in stored)
+    exact = -(-(run_start + 32) // B) * B
+    e = p2 + doc[:250] + _tokens(84, 10)
+    _greedy(llm, [e])
+    s2 = _stats(llm)
+    hit = _delta(s2, s1, "prefix_hits")
+    assert len(p2) // B * B <= hit <= exact < (len(p2) + 250) // B * B
+    assert s2["physical_blocks"] == 0 and s2["held_source_blocks"] == 0

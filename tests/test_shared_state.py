@@ -1,0 +1,219 @@
+"""SharedState without an engine: borrows aligned to blocks, source holds released on
+every path, pool reuse evicting chunks, tenants apart, recurring chunks protected."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from vllm_ext.shared import SharedState
+
+B = 32
+
+
+class FakePool:
+    """Reference counts of a block pool, and per-request tables (placeholders = None)."""
+
+    def __init__(self) -> None:
+        self.refs: dict[int, int] = {}
+        self.tables: dict[str, list[int | None]] = {}
+
+    def hold(self, ids):
+        for i in ids:
+            self.refs[i] = self.refs.get(i, 0) + 1
+
+    def release(self, ids):
+        for i in ids:
+            assert self.refs.get(i, 0) > 0, f"release of unheld block {i}"
+            self.refs[i] -= 1
+
+    def num_evictable(self, ids):
+        return sum(self.refs.get(i, 0) == 0 for i in ids)
+
+    def place_borrow(self, rid, start, end):
+        t = self.tables.setdefault(rid, [])
+        if len(t) * B != start:
+            return False
+        t.extend([None] * ((end - start) // B))
+        return True
+
+    def held(self) -> int:
+        return sum(self.refs.values())
+
+
+def _req(rid, tokens, salt=None):
+    return SimpleNamespace(request_id=rid, prompt_token_ids=tokens, num_computed_tokens=0,
+                           sampling_params=SimpleNamespace(prompt_logprobs=None),
+                           cache_salt=salt, lora_request=None)
+
+
+def _tokens(seed, n):
+    return np.random.default_rng(seed).integers(3, 2000, size=n).tolist()
+
+
+class Engine:
+    """Steps requests through a SharedState the way DedupScheduler does."""
+
+    def __init__(self, k=32, min_inject=32):
+        self.pool = FakePool()
+        self.state = SharedState(block_size=B, bytes_per_token=8, k=k, pool=self.pool,
+                                 min_inject=min_inject)
+        self.next_block = 1
+
+    def step(self, req, budget=4096):
+        st, pool = self.state, self.pool
+        st.begin_step([])
+        to = st.jump(req)          # the scheduler applies the jump
+        if to is not None:
+            req.num_computed_tokens = to
+        n = min(budget, len(req.prompt_token_ids) - req.num_computed_tokens)
+        n = st.clip(req, req.num_computed_tokens, n)
+        req.num_computed_tokens += n
+        t = pool.tables.setdefault(req.request_id, [])
+        while len(t) * B < req.num_computed_tokens:     # vLLM allocates what is computed
+            t.append(self.next_block)
+            self.next_block += 1
+        st.after_schedule(req, n, [b if b is not None else 0 for b in t])
+        return n
+
+    def run(self, req):
+        while req.num_computed_tokens < len(req.prompt_token_ids):
+            self.step(req)
+
+
+def test_borrow_is_block_aligned_inside_the_run_and_edges_are_counted():
+    e = Engine()
+    doc = _tokens(1, 600)
+    a, b = _req("a", _tokens(2, 37) + doc + [5]), _req("b", _tokens(3, 50) + doc + [6])
+    e.run(a)
+    e.step(b)                                   # planned, computes up to the first stop
+    plan = e.state.plans["b"]
+    (bp,) = plan.injections
+    assert bp.stop % B == 0 and bp.end % B == 0 and bp.stop == b.num_computed_tokens
+    assert bp.stop >= 50 + 32 and bp.num_tokens >= 400
+    assert bp.delta == 50 - 37 and bp.src == bp.stop - bp.delta
+    # the source blocks are a's blocks of the source positions, and they are held
+    a_blocks = e.pool.tables["a"]
+    first = bp.src // B
+    assert bp.blocks == a_blocks[first:first + len(bp.blocks)]
+    assert all(e.pool.refs[x] == 1 for x in bp.blocks)
+    e.run(b)
+    assert e.state.hits == 1 and e.state.tokens_reused == bp.num_tokens
+    assert e.state.edge_tokens == bp.edge_tokens > 0
+    assert None in e.pool.tables["b"]
+    assert e.state.exact_limit("b") == bp.stop
+
+
+def test_every_step_after_the_jump_sends_the_borrow_with_the_last_token_slot():
+    e = Engine()
+    doc = _tokens(4, 500)
+    a, b = _req("a", _tokens(5, 20) + doc + [5]), _req("b", _tokens(6, 70) + doc + _tokens(7, 40))
+    e.run(a)
+    e.state.take_borrows()
+    e.step(b)
+    assert e.state.take_borrows() == []          # before the jump nothing is borrowed
+    e.step(b)
+    (bw,) = e.state.take_borrows()
+    pos = b.num_computed_tokens - 1
+    assert bw.slot == e.pool.tables["b"][pos // B] * B + pos % B
+    (seg,) = bw.segments
+    assert seg[0] == e.state.active["b"][0].stop and seg[2] == e.state.active["b"][0].delta
+
+
+def test_holds_are_released_on_finish_and_on_preemption_then_replanned():
+    e = Engine()
+    doc = _tokens(8, 500)
+    a, b = _req("a", _tokens(9, 30) + doc + [5]), _req("b", _tokens(10, 60) + doc + [6])
+    e.run(a)
+    e.step(b)
+    assert e.pool.held() > 0
+    e.state.drop("b")                            # preemption
+    assert e.pool.held() == 0 and "b" not in e.state.plans
+    b.num_computed_tokens = 0
+    e.pool.tables.pop("b")
+    e.run(b)
+    assert e.state.hits >= 1      # the document again (and b's own earlier chunks)
+    e.state.finish("b")
+    assert e.pool.held() == 0
+
+
+def test_pool_reuse_evicts_the_chunks_that_lived_in_the_block():
+    e = Engine()
+    doc = _tokens(11, 500)
+    a = _req("a", _tokens(12, 30) + doc + [5])
+    e.run(a)
+    n = len(e.state.index)
+    victim = e.pool.tables["a"][5]
+    e.state.on_reuse([victim])
+    assert e.state.shared_evictions >= 1 and len(e.state.index) < n
+    assert all(victim not in e.state.index.get(d).payload.blocks for d in e.state.index)
+    assert victim not in e.state.block_chunks
+    # a later request does not borrow across the hole
+    b = _req("b", _tokens(13, 61) + doc + [6])
+    e.run(b)
+    for bp in e.state.active.get("b", []):
+        assert victim not in bp.blocks
+
+
+def test_tenants_never_borrow_each_others_runs():
+    e = Engine()
+    doc = _tokens(14, 500)
+    a = _req("a", _tokens(15, 30) + doc + [5], salt="tenant-a")
+    b = _req("b", _tokens(16, 45) + doc + [6], salt="tenant-b")
+    c = _req("c", _tokens(17, 45) + doc + [6], salt="tenant-a")
+    e.run(a)
+    e.run(b)
+    assert "b" not in e.state.active and e.pool.held() == 0
+    e.run(c)
+    assert e.state.active.get("c")
+
+
+def test_chunks_seen_in_two_prompts_are_protected():
+    e = Engine()
+    doc = _tokens(18, 500)
+    a = _req("a", _tokens(19, 30) + doc + [5])
+    e.run(a)
+    blk = e.pool.tables["a"][4]
+    assert not e.state.protected(blk)
+    e.state.chunks(_req("b", _tokens(20, 44) + doc + [7]))   # a second prompt contains it
+    assert e.state.protected(blk)
+
+
+def test_admission_counts_the_free_sources_it_takes():
+    e = Engine()
+    doc = _tokens(21, 800)
+    a = _req("a", _tokens(22, 30) + doc + [5])
+    e.run(a)
+    b = _req("b", _tokens(23, 60) + doc + [6])
+    e.state.begin_step([])
+    assert e.state.clip(b, 0, 4096, free_blocks=3) == 0   # ~25 free source blocks needed
+    assert "b" not in e.state.plans and e.pool.held() == 0
+    e.state.begin_step([])
+    assert e.state.clip(b, 0, 4096, free_blocks=1000) > 0
+    assert e.pool.held() > 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_workload_leaves_no_hold_behind(seed):
+    rng = np.random.default_rng(seed)
+    e = Engine()
+    docs = [_tokens(100 + i, int(rng.integers(100, 600))) for i in range(4)]
+    live = []
+    for i in range(40):
+        r = _req(f"r{i}", _tokens(1000 + i, int(rng.integers(5, 90))) + docs[rng.integers(4)]
+                 + _tokens(2000 + i, 7), salt=None if rng.random() < 0.8 else "x")
+        live.append(r)
+        for q in list(live):
+            e.step(q, budget=int(rng.integers(16, 300)))
+            if q.num_computed_tokens >= len(q.prompt_token_ids) or rng.random() < 0.05:
+                e.state.finish(q.request_id)     # finished or aborted
+                live.remove(q)
+        free = [b for b in range(1, e.next_block) if e.pool.refs.get(b, 0) == 0]
+        if free and rng.random() < 0.2:          # the pool reuses a free block
+            e.state.on_reuse([int(rng.choice(free))])
+    for q in live:
+        e.state.finish(q.request_id)
+    assert e.pool.held() == 0 and not e.state.holds and not e.state.active
+    assert e.state.hits > 0

@@ -1,0 +1,387 @@
+// Attention over a request's own KV blocks plus borrowed segments (kvdedup shared mode).
+//
+// The KV cache is vLLM 0.32's CPU layout, one tensor per layer
+// [num_blocks, kv_heads, block_size, 2 * head_dim]: per (block, kv head) a tile whose
+// first half holds the keys transposed ([head_dim][block_size], as the "vec"/"vec16"
+// ISAs write them) and whose second half holds the values ([block_size][head_dim]).
+// vllm_ext/kernels.py checks this layout against the backend's own write op at start-up.
+//
+// A borrowed segment is a run of a reader's logical positions [dst, dst + len) whose keys
+// and values sit in another request's slots: source positions [src, src + len) of a
+// source block list. Keys were rotated (RoPE, neox pairs) at their source positions; the
+// reader uses them at src + delta. Instead of re-rotating keys, the query is rotated by
+// -delta for that segment, which gives the same score <R(p) q, R(s + delta) k> =
+// <R(p - delta) q, R(s) k>; all parts are merged by one online softmax.
+//
+// Rows are independent work: (row, kv head, query tile). float32 accumulation; exp is a
+// degree-6 polynomial (relative error < 2e-7) on 8-lane GCC vectors (AVX2 here).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int QTILE = 16;  // query tokens per work item
+constexpr int MAXG = 8;    // query heads per KV head handled in one pass
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+// `n` keys at slot offsets [off, off + n) of physical block `block`; the first is at
+// the reader's logical position `pos`. `seg` is -1 for the reader's own blocks.
+struct Span {
+  int32_t block, off, n, pos, seg;
+};
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline v8f load8(const c10::BFloat16* p) {  // bf16 is the top half of a float
+  v8h h;
+  std::memcpy(&h, p, sizeof h);
+  return (v8f)(__builtin_convertvector(h, v8i) << 16);
+}
+inline v8f load8(const c10::Half* p) {
+  v8f v;
+  for (int j = 0; j < 8; ++j) v[j] = static_cast<float>(p[j]);
+  return v;
+}
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+// exp(x) for x <= 0 (lanes at -inf give exactly 0): 2^k * e^r, |r| <= ln2 / 2, with a
+// degree-6 Taylor polynomial (relative error < 2e-7).
+inline v8f exp8(v8f x) {
+  const v8f magic = v8f{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const v8i dead = x == -INFINITY;
+  x = x < -87.0f ? v8f{} - 87.0f : x;
+  const v8f t = x * 1.4426950408889634f + magic;
+  const v8f k = t - magic;
+  const v8i ki = (v8i)t - (v8i)magic;
+  const v8f r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
+  v8f p = v8f{} + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const v8f scale = (v8f)((ki + 127) << 23);
+  return (v8f)((v8i)(p * scale) & ~dead);
+}
+
+// The spans a row reads, in position order, covering [0, seq_len).
+std::vector<Span> row_spans(int seq_len, int B, const int32_t* table, const int32_t* segs,
+                            int n_segs, const int32_t* src_blocks) {
+  std::vector<Span> out;
+  int p = 0, s = 0;
+  while (p < seq_len) {
+    while (s < n_segs && segs[s * 5] + segs[s * 5 + 1] <= p) ++s;
+    const int seg_start = s < n_segs ? segs[s * 5] : seq_len;
+    if (s < n_segs && p >= seg_start) {
+      const int32_t* g = segs + s * 5;  // dst, len, delta, src, src_tab
+      const int end = std::min(g[0] + g[1], seq_len);
+      const int first_blk = g[3] / B;
+      while (p < end) {
+        const int sp = g[3] + (p - g[0]);
+        const int off = sp % B;
+        const int n = std::min(B - off, end - p);
+        out.push_back({src_blocks[g[4] + sp / B - first_blk], off, n, p, s});
+        p += n;
+      }
+    } else {
+      const int off = p % B;
+      const int n = std::min({B - off, seg_start - p, seq_len - p});
+      out.push_back({table[p / B], off, n, p, -1});
+      p += n;
+    }
+  }
+  return out;
+}
+
+struct Shape {
+  int B, D, Hq, Hkv, G;
+  float scale;
+};
+
+// Scores of the 32 keys at slots [c0, c0 + 32) of a key tile (transposed: row d holds
+// dim d of every slot, stride B) for HG query heads at once: each key row is loaded
+// once for all heads, and 4 * HG independent accumulators keep the FMA units busy.
+template <typename T, int HG>
+inline void scores32(const float* const* q, const T* ktile, int B, int D, int c0,
+                     float* const* out) {
+  v8f s[HG][4];
+#pragma GCC unroll 4
+  for (int h = 0; h < HG; ++h)
+    for (int j = 0; j < 4; ++j) s[h][j] = v8f{};
+  const T* k = ktile + c0;
+  for (int d = 0; d < D; ++d, k += B) {
+    const v8f k0 = load8(k), k1 = load8(k + 8), k2 = load8(k + 16), k3 = load8(k + 24);
+#pragma GCC unroll 4
+    for (int h = 0; h < HG; ++h) {
+      const float qd = q[h][d];
+      s[h][0] += qd * k0;
+      s[h][1] += qd * k1;
+      s[h][2] += qd * k2;
+      s[h][3] += qd * k3;
+    }
+  }
+#pragma GCC unroll 4
+  for (int h = 0; h < HG; ++h)
+    for (int j = 0; j < 4; ++j) store8(out[h] + c0 + 8 * j, s[h][j]);
+}
+
+// acc[h][0..64) = alpha[h] * acc[h] + sum_t w[h][t] * V[t][ds..ds+64) for HG heads at
+// once (each value row loaded once, 8 * HG independent accumulators).
+template <typename T, int HG>
+inline void values64(float* const* acc, const float* alpha, const float* const* w,
+                     const T* vtile, int D, int ds, int lo, int last) {
+  v8f a[HG][8];
+#pragma GCC unroll 2
+  for (int h = 0; h < HG; ++h)
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) a[h][j] = load8(acc[h] + ds + 8 * j) * alpha[h];
+  for (int t = lo; t < last; ++t) {
+    const T* v = vtile + static_cast<int64_t>(t) * D + ds;
+    v8f vj[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) vj[j] = load8(v + 8 * j);
+#pragma GCC unroll 2
+    for (int h = 0; h < HG; ++h) {
+      const float p = w[h][t];
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) a[h][j] += p * vj[j];
+    }
+  }
+#pragma GCC unroll 2
+  for (int h = 0; h < HG; ++h)
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) store8(acc[h] + ds + 8 * j, a[h][j]);
+}
+
+template <typename T>
+void scores_all(const float* const* q, const T* ktile, int B, int D, int c0, int G,
+                float* const* out) {
+  int h = 0;
+  for (; h + 4 <= G; h += 4) scores32<T, 4>(q + h, ktile, B, D, c0, out + h);
+  switch (G - h) {
+    case 3: return scores32<T, 3>(q + h, ktile, B, D, c0, out + h);
+    case 2: return scores32<T, 2>(q + h, ktile, B, D, c0, out + h);
+    case 1: return scores32<T, 1>(q + h, ktile, B, D, c0, out + h);
+    default: return;
+  }
+}
+
+template <typename T>
+void values_all(float* const* acc, const float* alpha, const float* const* w,
+                const T* vtile, int D, int lo, int last, int G) {
+  for (int ds = 0; ds < D; ds += 64) {
+    int h = 0;
+    for (; h + 2 <= G; h += 2)
+      values64<T, 2>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last);
+    if (h < G) values64<T, 1>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last);
+  }
+}
+
+// One work item: queries [q0, q1) of a row, the G query heads of KV head g.
+template <typename T>
+void attend_item(const T* query, const T* kv, T* output, const Span* spans, int n_spans,
+                 const int32_t* segs, const double* inv_freq, int q_start, int q0, int q1,
+                 int seq_len, int q_len, int g, const Shape& sh) {
+  const int B = sh.B, D = sh.D, G = sh.G, half = D / 2, Qt = q1 - q0, R = Qt * G;
+  const int64_t tile = static_cast<int64_t>(B) * 2 * D;
+  std::vector<float> buf(static_cast<size_t>(R) * D * 3 + static_cast<size_t>(G) * B + D);
+  float* q = buf.data();          // [Qt][G][D] scaled queries
+  float* qr = q + R * D;          // the same, rotated for the current segment
+  float* acc = qr + R * D;        // [Qt][G][D] unnormalized outputs
+  float* sc = acc + R * D;        // [G][B] scores, then weights, of one span
+  float* cs = sc + G * B;         // [D] cos | sin of the current segment
+  std::fill(acc, acc + R * D, 0.0f);
+  float m[QTILE * MAXG], l[QTILE * MAXG], alpha[MAXG];
+  const float* qp[MAXG];
+  float *sp_[MAXG], *ap[MAXG];
+  std::fill(m, m + R, -INFINITY);
+  std::fill(l, l + R, 0.0f);
+  for (int h = 0; h < G; ++h) sp_[h] = sc + h * B;
+  for (int i = 0; i < Qt; ++i)
+    for (int h = 0; h < G; ++h) {
+      const T* src = query + (static_cast<int64_t>(q_start + q0 + i) * sh.Hq + g * G + h) * D;
+      float* dst = q + (i * G + h) * D;
+      for (int d = 0; d < D; ++d) dst[d] = to_float(src[d]) * sh.scale;
+    }
+  const int qpos0 = seq_len - q_len + q0;  // logical position of the tile's first query
+  int cur_seg = -2;
+  for (int si = 0; si < n_spans; ++si) {
+    const Span& sp = spans[si];
+    if (sp.pos > qpos0 + Qt - 1) break;  // every later key is after every query
+    const float* qs = q;
+    if (sp.seg >= 0) {
+      if (sp.seg != cur_seg) {  // rotate the tile's queries by -delta for this segment
+        const double delta = segs[sp.seg * 5 + 2];
+        for (int i = 0; i < half; ++i) {
+          cs[i] = static_cast<float>(std::cos(delta * inv_freq[i]));
+          cs[half + i] = static_cast<float>(std::sin(delta * inv_freq[i]));
+        }
+        for (int r = 0; r < R; ++r) {
+          const float* x = q + r * D;
+          float* y = qr + r * D;
+          for (int i = 0; i < half; ++i) {
+            y[i] = x[i] * cs[i] + x[half + i] * cs[half + i];
+            y[half + i] = x[half + i] * cs[i] - x[i] * cs[half + i];
+          }
+        }
+        cur_seg = sp.seg;
+      }
+      qs = qr;
+    }
+    const T* kbase = kv + (static_cast<int64_t>(sp.block) * sh.Hkv + g) * tile;
+    const T* vbase = kbase + static_cast<int64_t>(B) * D;
+    const int lo = sp.off, hi = sp.off + sp.n;
+    for (int i = 0; i < Qt; ++i) {
+      // slot t holds the key at position sp.pos + t - lo; query i is at qpos0 + i
+      const int last = std::min(hi, lo + (qpos0 + i - sp.pos) + 1);
+      if (last <= lo) continue;
+      for (int h = 0; h < G; ++h) qp[h] = qs + (i * G + h) * D;
+      const int c_lo = lo / 32 * 32, c_hi = (last + 31) / 32 * 32;
+      for (int c0 = c_lo; c0 < c_hi; c0 += 32) scores_all(qp, kbase, B, D, c0, G, sp_);
+      float* mi = m + i * G;
+      float* li = l + i * G;
+      for (int h = 0; h < G; ++h) {
+        float* w = sp_[h];
+        for (int t = c_lo; t < lo; ++t) w[t] = -INFINITY;
+        for (int t = last; t < c_hi; ++t) w[t] = -INFINITY;
+        float smax = -INFINITY;
+        for (int t = lo; t < last; ++t) smax = std::max(smax, w[t]);
+        const float mnew = std::max(mi[h], smax);
+        alpha[h] = std::exp(mi[h] - mnew);
+        v8f psum = v8f{};
+        for (int c = c_lo; c < c_hi; c += 8) {
+          const v8f e = exp8(load8(w + c) - mnew);
+          store8(w + c, e);
+          psum += e;
+        }
+        float ps = 0.0f;
+        for (int j = 0; j < 8; ++j) ps += psum[j];
+        li[h] = li[h] * alpha[h] + ps;
+        mi[h] = mnew;
+        ap[h] = acc + (i * G + h) * D;
+      }
+      values_all(ap, alpha, sp_, vbase, D, lo, last, G);
+    }
+  }
+  for (int i = 0; i < Qt; ++i)
+    for (int h = 0; h < G; ++h) {
+      const int r = i * G + h;
+      const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+      T* dst = output + (static_cast<int64_t>(q_start + q0 + i) * sh.Hq + g * G + h) * D;
+      for (int d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inv);
+    }
+}
+
+template <typename T>
+void run(const torch::Tensor& query, const torch::Tensor& kv_cache, torch::Tensor& output,
+         const torch::Tensor& rows, const torch::Tensor& block_table,
+         const torch::Tensor& seg_ptr, const torch::Tensor& segs,
+         const torch::Tensor& src_blocks, const torch::Tensor& inv_freq, const Shape& sh) {
+  const int n_rows = rows.size(0);
+  const int32_t* rw = rows.data_ptr<int32_t>();
+  const int32_t* sp = seg_ptr.data_ptr<int32_t>();
+  const int32_t* sg = segs.numel() ? segs.data_ptr<int32_t>() : nullptr;
+  const int32_t* sb = src_blocks.numel() ? src_blocks.data_ptr<int32_t>() : nullptr;
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int64_t bt_stride = block_table.stride(0);
+  std::vector<std::vector<Span>> spans(n_rows);
+  struct Item { int row, g, q0, q1; };
+  std::vector<Item> items;
+  for (int r = 0; r < n_rows; ++r) {
+    const int32_t* x = rw + r * 4;  // q_start, q_len, seq_len, table row
+    spans[r] = row_spans(x[2], sh.B, bt + x[3] * bt_stride, sg ? sg + sp[r] * 5 : nullptr,
+                         sp[r + 1] - sp[r], sb);
+    for (int g = 0; g < sh.Hkv; ++g)
+      for (int q0 = 0; q0 < x[1]; q0 += QTILE)
+        items.push_back({r, g, q0, std::min(x[1], q0 + QTILE)});
+  }
+  const T* qp = query.data_ptr<T>();
+  const T* kvp = kv_cache.data_ptr<T>();
+  T* op = output.data_ptr<T>();
+  const double* fr = inv_freq.data_ptr<double>();
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      const Item& it = items[w];
+      const int32_t* x = rw + it.row * 4;
+      attend_item<T>(qp, kvp, op, spans[it.row].data(), spans[it.row].size(),
+                        sg ? sg + sp[it.row] * 5 : nullptr, fr, x[0], it.q0, it.q1, x[2],
+                        x[1], it.g, sh);
+    }
+  });
+}
+
+}  // namespace
+
+// query [T, Hq, D]; kv_cache [NB, Hkv, B, 2D]; output [T, Hq, D] (rows' tokens written);
+// rows int32 [R, 4] = (q_start, q_len, seq_len, block-table row); seg_ptr int32 [R + 1];
+// segs int32 [S, 5] = (dst, len, delta, src, src_tab), sorted by dst within a row;
+// src_blocks int32; inv_freq float64 [D / 2].
+void borrowed_attention(const torch::Tensor& query, const torch::Tensor& kv_cache,
+                        torch::Tensor& output, const torch::Tensor& rows,
+                        const torch::Tensor& block_table, const torch::Tensor& seg_ptr,
+                        const torch::Tensor& segs, const torch::Tensor& src_blocks,
+                        const torch::Tensor& inv_freq, double scale) {
+  TORCH_CHECK(query.dim() == 3 && query.is_contiguous(), "query must be [T, Hq, D] contiguous");
+  TORCH_CHECK(output.sizes() == query.sizes() && output.is_contiguous(),
+              "output must be contiguous and shaped like query");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() &&
+                  kv_cache.size(3) == 2 * query.size(2),
+              "kv_cache must be [blocks, kv_heads, block_size, 2 * head_dim] contiguous");
+  TORCH_CHECK(query.size(1) % kv_cache.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() &&
+                  output.scalar_type() == query.scalar_type(),
+              "query, kv_cache and output must share a dtype");
+  TORCH_CHECK(query.size(2) % 2 == 0 && inv_freq.numel() == query.size(2) / 2 &&
+                  inv_freq.scalar_type() == torch::kFloat64,
+              "inv_freq must be float64 [head_dim / 2]");
+  for (const auto* t : {&rows, &block_table, &seg_ptr, &segs, &src_blocks})
+    TORCH_CHECK(t->scalar_type() == torch::kInt32 && t->is_contiguous(),
+                "index tensors must be contiguous int32");
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) == 4, "rows must be [R, 4]");
+  TORCH_CHECK(seg_ptr.numel() == rows.size(0) + 1, "seg_ptr must have R + 1 entries");
+  const int B = kv_cache.size(2), D = query.size(2);
+  TORCH_CHECK(B % 32 == 0, "kvdedup borrowed attention: block size ", B,
+              " is not supported (a multiple of 32)");
+  TORCH_CHECK(D % 64 == 0, "kvdedup borrowed attention: head size ", D,
+              " is not supported (a multiple of 64)");
+  TORCH_CHECK(query.size(1) / kv_cache.size(1) <= MAXG, "kvdedup borrowed attention: ",
+              query.size(1) / kv_cache.size(1), " query heads per KV head (at most ", MAXG, ")");
+  const Shape sh{B, D, static_cast<int>(query.size(1)), static_cast<int>(kv_cache.size(1)),
+                 static_cast<int>(query.size(1) / kv_cache.size(1)), static_cast<float>(scale)};
+  switch (query.scalar_type()) {
+    case torch::kFloat32:
+      return run<float>(query, kv_cache, output, rows, block_table, seg_ptr,
+                                   segs, src_blocks, inv_freq, sh);
+    case torch::kBFloat16:
+      return run<c10::BFloat16>(query, kv_cache, output, rows, block_table,
+                                           seg_ptr, segs, src_blocks, inv_freq, sh);
+    case torch::kFloat16:
+      return run<c10::Half>(query, kv_cache, output, rows, block_table,
+                                       seg_ptr, segs, src_blocks, inv_freq, sh);
+    default:
+      TORCH_CHECK(false, "kvdedup borrowed attention: unsupported dtype ", query.scalar_type());
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("borrowed_attention", &borrowed_attention,
+        "attention over own KV blocks plus borrowed segments (kvdedup shared mode)");
+}

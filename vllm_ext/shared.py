@@ -1,0 +1,264 @@
+"""Scheduler-side state of shared mode: runs borrowed from the block pool, at any offset.
+
+Shared mode plans like sequence mode (``SequenceState``: content-defined chunks, verified
+and tenant-salted digests, first ``k`` tokens of each run recomputed, followers held until
+their owner computed the run, exact prefix cache kept clean) but it holds no copy of any
+KV. The index maps a chunk digest to where its KV already sits in vLLM's block pool
+(``PoolChunk``: the blocks of the request that computed it exactly), and a request that
+contains the run *borrows* those slots instead of computing or copying them.
+
+Ownership and reference counts (the pool's, through ``BlockHolder``):
+* a plan holds a reference on every source block it will read, from admission until the
+  request is preempted, finishes or is aborted (``drop``); so a source can never be
+  reallocated while a borrower may read it, even after the request that computed it
+  finished. Holding a cached free block takes it out of the free queue, and admission
+  counts that against the free pool;
+* the borrower's own block table holds the pool's null block (a placeholder vLLM never
+  frees or caches) over the borrowed range, which is whole blocks of the borrower:
+  ``stop`` and ``end`` are rounded inwards to block boundaries, and the tokens between the
+  run's ``k``-th token and ``stop``, and between ``end`` and the run's end (the *edges*,
+  ``shared_edge_tokens``), are computed normally into the borrower's own blocks;
+* when no request holds a source block any more it returns to the pool's free queue,
+  still indexed: the pool is the store. When the pool hands the block out again
+  (``on_reuse``), every chunk that lives in it leaves the index (``shared_evictions``);
+  a later plan that would have used it computes those tokens instead.
+* frequency: each chunk counts the prompts that contained it (``sightings``); the KV
+  manager frees blocks of chunks seen at least twice to the protected end of the free
+  queue and other blocks to the end that is reused first (see ``kv_manager``).
+
+Per step the scheduler sends one ``Borrow`` per scheduled borrower (the slot its last
+scheduled token is written to, and its segments); ``vllm_ext.attention`` reads them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from dedup.hashing import Chunk
+from dedup.planner import ChunkSource, borrow_range, plan_injections
+
+from .sequence import RequestPlan, SequenceState
+
+
+@dataclass(frozen=True)
+class PoolChunk(ChunkSource):
+    """A chunk's KV in the pool: ``blocks[i]`` holds source positions
+    ``[(start // B + i) * B, ...)`` of the request ``source`` that computed it."""
+
+    blocks: tuple[int, ...] = ()
+
+
+@dataclass
+class BorrowPlan:
+    """Compute up to ``stop``, then read positions [stop, end) from source positions
+    [src, src + end - stop), which sit in ``blocks`` (source block index ``src // B``
+    onwards). ``delta`` = reader position - source position."""
+
+    stop: int
+    end: int
+    delta: int
+    src: int
+    blocks: list[int]
+    edge_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.stop
+
+    def segment(self) -> tuple[int, int, int, int, list[int]]:
+        return (self.stop, self.end - self.stop, self.delta, self.src, self.blocks)
+
+
+@dataclass
+class Borrow:
+    """One scheduled borrower in one step: ``slot`` is where its last scheduled token's
+    KV is written (identifies its batch row), ``segments`` its borrowed ranges."""
+
+    slot: int
+    segments: list = field(default_factory=list)
+
+
+class BlockHolder(Protocol):
+    """What shared mode needs from the pool (implemented by the KV manager)."""
+
+    def hold(self, block_ids: list[int]) -> None: ...
+    def release(self, block_ids: list[int]) -> None: ...
+    def num_evictable(self, block_ids: list[int]) -> int: ...
+    def place_borrow(self, request_id: str, start: int, end: int) -> bool: ...
+
+
+class SharedState(SequenceState):
+    def __init__(self, block_size: int, bytes_per_token: int, k: int, pool: BlockHolder,
+                 min_inject: int = 32, **kwargs) -> None:
+        # The index holds metadata only: the pool bounds what is stored.
+        super().__init__(block_size, bytes_per_token, store_bytes=1 << 62, k=k,
+                         min_inject=min_inject, **kwargs)
+        self.pool = pool
+        self.holds: dict[str, list[int]] = {}        # request -> source blocks it holds
+        self.taken: dict[str, int] = {}               # request -> free blocks its holds took
+        self.active: dict[str, list[BorrowPlan]] = {}  # request -> borrowed ranges
+        self.block_chunks: dict[int, set[bytes]] = {}  # block -> chunks living in it
+        self.sightings: Counter = Counter()           # chunk digest -> prompts with it
+        self.borrows: list[Borrow] = []               # this step's, for the worker
+        self.edge_tokens = 0
+        self.shared_evictions = 0
+        self.cancelled = 0
+
+    # -- admission ----------------------------------------------------------------------
+    def chunks(self, request) -> list[Chunk]:
+        first = request.request_id not in self._chunks
+        c = super().chunks(request)
+        if first:
+            self.sightings.update({ch.digest for ch in c})
+        return c
+
+    def plan(self, request, start: int) -> RequestPlan:
+        p = self.plans.get(request.request_id)
+        if p is not None:
+            return p
+        prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
+        chunks = self.chunks(request)
+        sp = request.sampling_params
+        wants_logprobs = sp is not None and sp.prompt_logprobs is not None
+        inj = [] if wants_logprobs and not self.inject_prompt_logprobs else plan_injections(
+            prompt, chunks, self.index, start=start, max_end=len(prompt) - 1, k=self.k,
+            min_inject=self.min_inject)
+        borrows = [b for b in (self._to_borrow(i) for i in inj) if b is not None]
+        p = RequestPlan(chunks, borrows, exact_limit=borrows[0].stop if borrows else len(prompt),
+                        limited=bool(borrows))
+        held = sorted({blk for b in borrows for blk in b.blocks})
+        if held:
+            self.taken[request.request_id] = self.pool.num_evictable(held)
+            self.pool.hold(held)
+            self.holds[request.request_id] = held
+        self.plans[request.request_id] = p
+        return p
+
+    def _to_borrow(self, inj) -> BorrowPlan | None:
+        """The block-aligned borrow inside an injection, or None if under a block."""
+        B = self.block_size
+        rng = borrow_range(inj, B, self.min_inject)
+        if rng is None:
+            return None
+        stop, end = rng
+        deltas = {pc.dst - pc.src for pc in inj.pieces}
+        if len(deltas) != 1:  # a run is one source context at one offset
+            return None
+        delta = deltas.pop()
+        src = stop - delta
+        where: dict[int, int] = {}
+        for pc in inj.pieces:
+            entry = self.index.get(pc.digest)
+            chunk: PoolChunk = entry.payload
+            first = chunk.start // B
+            for i, blk in enumerate(chunk.blocks):
+                where[first + i] = blk
+        need = range(src // B, (src + end - stop - 1) // B + 1)
+        if any(i not in where for i in need):
+            return None
+        return BorrowPlan(stop, end, delta, src, [where[i] for i in need],
+                          edge_tokens=(stop - inj.stop) + (inj.end - end))
+
+    def _admit(self, request, p: RequestPlan, start: int, free_blocks: int) -> bool:
+        """Borrows allocate nothing; a new plan takes at once the cached free sources it
+        holds and, step by step, its own blocks up to its first borrow."""
+        if not p.injections:
+            return True
+        B = self.block_size
+        need = self.taken.pop(request.request_id, 0) + max(
+            0, p.injections[0].stop // B - start // B)
+        if need > free_blocks - self.reserved:
+            return False
+        self.reserved += need
+        return True
+
+    def begin_step(self, running) -> None:
+        """Claims as in sequence mode; borrows allocate nothing, so only decode growth
+        (one block per running request) is reserved."""
+        super().begin_step(running)
+        self.reserved = len(running)
+
+    def jump(self, request) -> int | None:
+        """A request standing at its next borrow's ``stop`` gets placeholders over the
+        borrowed blocks and skips to ``end`` (returned; the scheduler sets it); if the
+        table cannot take them (it holds blocks past ``stop``), the range is computed
+        instead (None)."""
+        p = self.plans.get(request.request_id)
+        if p is None or not p.injections:
+            return None
+        b = p.injections[0]
+        if request.num_computed_tokens != b.stop:
+            return None
+        p.injections.pop(0)
+        if not self.pool.place_borrow(request.request_id, b.stop, b.end):
+            self.cancelled += 1
+            return None
+        self.active.setdefault(request.request_id, []).append(b)
+        self.hits += 1
+        self.tokens_reused += b.num_tokens
+        self.edge_tokens += b.edge_tokens
+        return b.end
+
+    # -- after the step is scheduled ----------------------------------------------------
+    def after_schedule(self, request, num_scheduled: int, block_ids: list[int]) -> None:
+        act = self.active.get(request.request_id)
+        if act:
+            pos = request.num_computed_tokens - 1
+            B = self.block_size
+            self.borrows.append(Borrow(block_ids[pos // B] * B + pos % B,
+                                       [b.segment() for b in act]))
+        p = self.plans.get(request.request_id)
+        if p is not None:
+            self._store_computed(request, p, num_scheduled, block_ids)
+
+    def _store_chunk(self, request, c: Chunk, toks: np.ndarray, block_ids: list[int]) -> None:
+        """Index the chunk where it sits: the blocks of its positions."""
+        B = self.block_size
+        blocks = tuple(block_ids[c.start // B:(c.end - 1) // B + 1])
+        if self.index.insert(c.digest, toks, PoolChunk(request.request_id, c.start, blocks), 0):
+            for blk in blocks:
+                self.block_chunks.setdefault(blk, set()).add(c.digest)
+
+    def take_borrows(self) -> list[Borrow]:
+        out, self.borrows = self.borrows, []
+        return out
+
+    # -- the pool reuses blocks -----------------------------------------------------------
+    def on_reuse(self, block_ids) -> None:
+        """The pool handed these blocks out anew: chunks living in them are gone."""
+        for blk in block_ids:
+            for digest in self.block_chunks.pop(blk, ()):
+                entry = self.index.get(digest)
+                if entry is None:
+                    continue
+                self.index.remove(digest)
+                self.shared_evictions += 1
+                for other in entry.payload.blocks:
+                    if other != blk:
+                        self.block_chunks.get(other, set()).discard(digest)
+
+    def protected(self, block_id: int) -> bool:
+        """Does the block hold a chunk that recurs (seen in at least two prompts)?"""
+        return any(self.sightings[d] >= 2 for d in self.block_chunks.get(block_id, ()))
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def drop(self, request_id: str) -> None:
+        super().drop(request_id)
+        held = self.holds.pop(request_id, None)
+        self.active.pop(request_id, None)
+        self.taken.pop(request_id, None)
+        if held:
+            self.pool.release(held)
+
+    def stats(self) -> dict:
+        st = super().stats()
+        st.update(store_bytes=0, store_entries=len(self.index),
+                  store_evictions=self.shared_evictions,
+                  borrowed_runs=self.hits, borrowed_tokens=self.tokens_reused,
+                  shared_edge_tokens=self.edge_tokens,
+                  held_source_blocks=len({b for h in self.holds.values() for b in h}))
+        return st
