@@ -51,7 +51,7 @@ def _store(params, keys: dict[str, torch.Tensor], digest=b"d"):
     """A store with one chunk captured from ``keys`` (layer name -> [n, heads, dim]) at
     slots 0..n-1, values ``keys + 1``, through each layer's wrapped KV write."""
     layers = {name: _Layer(*k.shape[1:]) for name, k in keys.items()}
-    store = WorkerKVStore(params)
+    store = WorkerKVStore(params, block_size=32)
     store.install(layers)
     n = next(iter(keys.values())).shape[0]
     store.begin_step([], [], [(digest, list(range(n)), 0)])

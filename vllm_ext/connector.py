@@ -129,7 +129,7 @@ class DedupConnector(KVConnectorBase_V1):
             from .rope import RotaryParams
 
             self._store = WorkerKVStore(RotaryParams.from_hf_config(
-                vllm_config.model_config.hf_config))
+                vllm_config.model_config.hf_config), vllm_config.cache_config.block_size)
             self._vllm_config = vllm_config
 
     # scheduler side --------------------------------------------------------------------
@@ -179,6 +179,11 @@ class DedupConnector(KVConnectorBase_V1):
         if not self.has_connector_metadata():
             return []
         return self._get_connector_metadata().borrows
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Sequence mode: blocks whose injection failed (vLLM recomputes them, as the
+        connector config sets ``kv_load_failure_policy="recompute"``)."""
+        return self._store.take_failed_blocks() if self._store is not None else set()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None

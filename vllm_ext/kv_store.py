@@ -16,6 +16,12 @@ order: evict, inject (in ``start_load_kv``, before the forward), capture (during
 forward, as each layer writes). The store holds exactly the chunks the scheduler's index
 holds; it never evicts on its own. The vLLM names it relies on (``Attention.impl``,
 ``Attention.kv_cache``, the backend's ``do_kv_cache_update``) are in ``vllm_ext.contract``.
+
+Faults never stop the engine: a capture whose tokens are not in the step is skipped
+(the chunk is then missing from the store), and an injection that needs a missing chunk
+writes nothing and reports its blocks through ``take_failed_blocks`` (the connector's
+``get_block_ids_with_load_errors``), so vLLM rewinds the request and recomputes them
+(``kv_load_failure_policy="recompute"``). Each fault is counted in ``faults`` and logged.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ class WorkerKVStore:
     kv_heads, head_dim]`` (keys post-RoPE at the chunk's original positions, values).
     Captures write straight into the chunk's tensor, one layer slice per KV write."""
 
-    def __init__(self, rotary: RotaryParams) -> None:
+    def __init__(self, rotary: RotaryParams, block_size: int) -> None:
         self.rotary = rotary
+        self.block_size = block_size
         self.layers: dict[str, torch.nn.Module] = {}
         self._index: dict[str, int] = {}
         self._orig: dict[str, object] = {}
@@ -48,6 +55,8 @@ class WorkerKVStore:
         self.v: dict[bytes, torch.Tensor] = {}
         self._captures: list[tuple[bytes, torch.Tensor]] = []
         self._rows: dict[int, list] = {}
+        self.faults: dict[str, int] = {"capture_not_in_step": 0, "inject_missing_chunk": 0}
+        self._failed_blocks: set[int] = set()
 
     def install(self, static_forward_context: dict) -> None:
         """Wrap the KV write of every attention layer that has one."""
@@ -77,6 +86,12 @@ class WorkerKVStore:
             self.k.pop(d, None)
             self.v.pop(d, None)
         for slots, pieces in injects:
+            missing = [d for d, *_ in pieces if d not in self.k]
+            if missing:
+                self._fault("inject_missing_chunk", "%d stored chunk(s) missing; the "
+                            "request recomputes those blocks", len(missing))
+                self._failed_blocks.update(s // self.block_size for s in slots)
+                continue
             self._inject(slots, pieces)
         self._captures = [(d, torch.as_tensor(s, dtype=torch.long)) for d, s, _ in captures]
         for d, _ in self._captures:  # allocated at the first layer's write (shape, dtype)
@@ -99,7 +114,9 @@ class WorkerKVStore:
             for digest, slots in self._captures:
                 rows = inv[slots.clamp(max=inv.numel() - 1)]
                 if (rows < 0).any() or (slots >= inv.numel()).any():
-                    raise RuntimeError("kvdedup: a planned capture's tokens are not in this step")
+                    self._fault("capture_not_in_step", "a planned capture's tokens are not "
+                                "in this step; chunk %s is not stored", digest.hex()[:12])
+                    continue
                 out.append((digest, rows.to(device)))
             self._rows[key] = out
         return out
@@ -142,3 +159,12 @@ class WorkerKVStore:
 
     def end_step(self) -> None:
         self._captures, self._rows = [], {}
+
+    def take_failed_blocks(self) -> set[int]:
+        """Block ids whose injection failed since the last call (vLLM recomputes them)."""
+        out, self._failed_blocks = self._failed_blocks, set()
+        return out
+
+    def _fault(self, kind: str, msg: str, *args) -> None:
+        self.faults[kind] += 1
+        logger.error("kvdedup store: " + msg, *args)

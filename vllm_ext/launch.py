@@ -51,7 +51,7 @@ DEDUP_MODES = tuple(MODES)
 SHARED_ENV = "KVDEDUP_SHARED_ATTENTION"   # the plugin installs the attention backend
 SCHEDULER_CLS = "vllm_ext.scheduler.DedupScheduler"
 CONNECTOR = {"kv_connector": "DedupConnector", "kv_connector_module_path": "vllm_ext.connector",
-             "kv_role": "kv_both"}
+             "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
 #: Engine arguments a dedup mode other than off sets; the caller may not set them too.
 OWNED = ("scheduler_cls", "kv_transfer_config")
 #: Options of the run-reusing modes (``dedup_options``, ``--dedup-option KEY=VALUE``, a

@@ -61,6 +61,7 @@ class StepStats:
     borrowed_blocks: int = 0         # placeholders in running requests' block tables
     held_source_blocks: int = 0      # distinct source blocks held for borrowers
     shared_bytes_saved: int = 0      # (borrowed blocks - sources kept only for them) * bytes
+    faults: int = 0                  # kvdedup failures recovered by recomputing KV
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +71,7 @@ FIELDS = [f.name for f in fields(StepStats)]
 COUNTERS = ("prefix_queries", "prefix_hits", "verified_hits", "collisions", "preemptions",
             "sequence_hits", "sequence_tokens_reused", "store_evictions", "sequence_held",
             "scheduled_tokens", "prefill_tokens", "borrowed_runs", "borrowed_tokens",
-            "shared_edge_tokens")
+            "shared_edge_tokens", "faults")
 
 
 class StatsBoard:

@@ -182,8 +182,14 @@ class DedupScheduler(Scheduler):
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
-        outputs = super().update_from_output(scheduler_output, model_runner_output,
-                                             *args, **kwargs)
+        kvo = getattr(model_runner_output, "kv_connector_output", None)
+        bad = set(kvo.invalid_block_ids or ()) if kvo is not None else set()
+        if bad and self.sequence is not None:   # vLLM rewinds these requests itself
+            for r in self.running:
+                if bad.intersection(self.kv_cache_manager.get_block_ids(r.request_id)[0]):
+                    self.sequence.load_failed(r.request_id)
+        outputs = super().update_from_output(scheduler_output, model_runner_output, *args,
+                                             **kwargs)
         snap = self._snapshot()
         snap.start = self._starts.pop(id(scheduler_output), self.recorder.current.time)
         self.recorder.record(snap, *self._peak)

@@ -65,6 +65,7 @@ class RequestPlan:
     pinned: list[bytes] = field(default_factory=list)
     ready: Injection | None = None      # jumped over, KV to write once blocks exist
     captured_upto: int = 0              # chunks before this token offset are handled
+    injected: list[bytes] = field(default_factory=list)  # chunks injected into this request
 
 
 @dataclass
@@ -99,6 +100,7 @@ class SequenceState:
         self.cmds = StepCommands()
         self.hits = 0
         self.tokens_reused = 0
+        self.faults = 0                    # injections the worker reported as failed
 
     def _on_evict(self, digest: bytes, payload) -> None:
         self.cmds.evicts.append(digest)
@@ -228,6 +230,7 @@ class SequenceState:
             self.cmds.injects.append((self._slots(block_ids, inj.stop, inj.end), pieces))
             self.hits += 1
             self.tokens_reused += inj.num_tokens
+            p.injected += [pc.digest for pc in inj.pieces]
             self._unpin(p, [pc.digest for pc in inj.pieces])
         self._store_computed(request, p, num_scheduled, block_ids)
 
@@ -263,7 +266,8 @@ class SequenceState:
         st = self.index.stats()
         return {"sequence_hits": self.hits, "sequence_tokens_reused": self.tokens_reused,
                 "store_bytes": st["bytes_held"], "store_entries": st["entries"],
-                "store_evictions": st["evictions"], "sequence_held": self.held}
+                "store_evictions": st["evictions"], "sequence_held": self.held,
+                "faults": self.faults}
 
     def take_commands(self) -> StepCommands:
         """The step's worker commands."""
@@ -288,6 +292,16 @@ class SequenceState:
         self.drop(request_id)
         self._chunks.pop(request_id, None)
         self.held_ids.discard(request_id)
+
+    def load_failed(self, request_id: str) -> None:
+        """The worker could not inject into this request (vLLM rewinds it to recompute):
+        forget the chunks it injected, so no later plan relies on them."""
+        p = self.plans.get(request_id)
+        for d in (p.injected if p is not None else ()):
+            e = self.index.get(d)
+            if e is not None and e.refs == 0:
+                self.index.remove(d)
+        self.faults += 1
 
     def exact_limit(self, request_id: str) -> int | None:
         """Tokens of the request that may enter the exact prefix cache (None: all)."""
