@@ -217,22 +217,6 @@ def set_shared_attention(on: bool) -> None:
         if not on_cpu():
             raise ValueError("dedup 'shared' has an attention backend for vLLM's CPU "
                              "backend only (see docs/design.md for the GPU plan)")
-        os.environ[SHARED_ENV] = "1"
-    else:
-        os.environ.pop(SHARED_ENV, None)
-    from . import attention
-
-    attention.install() if on else attention.uninstall()
-
-
-def set_shared_attention(on: bool) -> None:
-    """Shared mode's attention backend on or off for engines started from now on: the
-    environment variable reaches the engine-core and worker processes (whose plugin
-    installs it); this process's registry is set too, for in-process engine cores."""
-    if on:
-        if not on_cpu():
-            raise ValueError("dedup 'shared' has an attention backend for vLLM's CPU "
-                             "backend only (see docs/design.md for the GPU plan)")
         os.environ.update(dedup_env("shared"))
     else:
         os.environ.pop(SHARED_ENV, None)
