@@ -19,7 +19,7 @@ VLLM_OUTSIDE_VLLM_EXT = {
 }
 ENGINE_FREE = (
     "dedup", "dedup.hashing", "dedup.index", "dedup.planner", "dedup.ledger", "dedup.paths",
-    "vllm_ext", "vllm_ext.tenant", "vllm_ext.sequence", "vllm_ext.metrics",
+    "vllm_ext", "vllm_ext.tenant", "vllm_ext.sequence", "vllm_ext.shared", "vllm_ext.metrics",
     "vllm_ext.contract", "vllm_ext.version", "vllm_ext.launch", "vllm_ext.cli",
     "vllm_ext.models", "experiments.schema", "experiments.summary", "experiments.config",
     "experiments.runner", "experiments.workloads", "experiments.workloads.cli",

@@ -3,15 +3,16 @@
 Who checks, and what happens:
 
 * every module that hooks into vLLM (``scheduler``, ``kv_manager``, ``hasher``,
-  ``connector``, ``kv_store``, ``stat_logger``) calls :func:`check_vllm_version` at import:
+  ``connector``, ``kv_store``, ``stat_logger``, ``attention``, ``block_pool``) calls
+  :func:`check_vllm_version` at import:
   an engine configured with kvdedup on another vLLM series fails at start-up with
   :class:`UnsupportedVLLMError`, before anything runs;
 * the general plugin (``vllm_ext.plugin``), which vLLM loads in every process, also for
   engines that do not use kvdedup, runs the same check but only logs a warning, so a
   stock engine still starts where kvdedup is merely installed;
-* the engine-free modules (``sequence``, ``tenant``, ``metrics``, ``launch``, ``cli``,
-  ``models``, ``rope``) do not check: they import no vLLM internals, and any vLLM object
-  they see is handed to them by a hook that did.
+* the engine-free modules (``sequence``, ``shared``, ``tenant``, ``metrics``, ``launch``,
+  ``cli``, ``models``, ``rope``, ``contract``) do not check: they import no vLLM internals
+  at import, and any vLLM object they see is handed to them by a hook that did.
 
 One bypass: ``KVDEDUP_ALLOW_ANY_VLLM=1``. On another series kvdedup then checks every name
 it relies on (``vllm_ext.contract``) instead of the version number: start-up fails with
