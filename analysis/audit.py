@@ -396,9 +396,9 @@ def audit_requests(
         "block_size": sizes[0],
         "block_sizes": sizes,
         "concurrency": concurrency,
-        "prefix_shareable_fraction": first["prefix"]["shareable_fraction"],
-        "block_shareable_fraction": first["block"]["shareable_fraction"],
-        "run_shareable_fraction": runs["shareable_fraction"],
+        "prefix_block_fraction": first["prefix"]["shareable_fraction"],
+        "fixed_block_fraction": first["block"]["shareable_fraction"],
+        "chunk_run_fraction": runs["shareable_fraction"],
         "runs": dict(runs, chunk_params=_effective_chunk_params(ckw)),
         "per_block_size": per_bs,
         "simulation_model": SIMULATION_MODEL,
@@ -416,9 +416,11 @@ def audit_workload(
     """Audit a workload file.
 
     Returns a JSON-serialisable dict with (among others) the keys
-    ``prefix_shareable_fraction``, ``block_shareable_fraction`` and
-    ``run_shareable_fraction`` (fractions of all prompt tokens at the first
-    block size), ``per_block_size`` (tokens, blocks and the KV-occupancy
+    ``prefix_block_fraction``, ``fixed_block_fraction`` and
+    ``chunk_run_fraction`` (fractions of all prompt tokens in shareable
+    chained prefix blocks, fixed blocks and chunk runs at the first block
+    size; the workload meta's token-level ``*_shareable_fraction`` measure
+    something else, hence other names), ``per_block_size`` (tokens, blocks and the KV-occupancy
     simulation for every block size), ``runs`` and ``meta`` (the sidecar
     ``FILE.meta.json`` contents or null).
     """

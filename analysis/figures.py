@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.results import ARMS  # noqa: E402
+from experiments.summary import flat_rows, summarize_groups  # noqa: E402
 
 __all__ = [
     "ARM_STYLE",
@@ -59,19 +60,9 @@ def _style(arm: str) -> dict:
 
 
 def aggregate(df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
-    """Median, min, max and count over reps of ``metrics`` per ``keys`` cell."""
-    rows = []
-    for cell, g in df.groupby(list(keys), sort=True, dropna=False):
-        cell = cell if isinstance(cell, tuple) else (cell,)
-        row = dict(zip(keys, cell))
-        row["n_reps"] = len(g)
-        for m in metrics:
-            vals = pd.to_numeric(g[m], errors="coerce").dropna()
-            row[f"{m}_median"] = float(vals.median()) if len(vals) else np.nan
-            row[f"{m}_min"] = float(vals.min()) if len(vals) else np.nan
-            row[f"{m}_max"] = float(vals.max()) if len(vals) else np.nan
-        rows.append(row)
-    return pd.DataFrame(rows)
+    """Median, min, max and count over reps of ``metrics`` per ``keys`` cell
+    (``experiments.summary``, as the tables)."""
+    return pd.DataFrame(flat_rows(summarize_groups(df.to_dict("records"), list(keys), metrics)))
 
 
 def _save(fig, data: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
@@ -102,16 +93,30 @@ def _legend_below(fig, axes) -> None:
                    ncol=min(len(labels), 5), frameon=False, bbox_to_anchor=(0.5, -0.01))
 
 
+def _with_cases(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``df`` with a ``case`` column (a panel or bar group): the use case, plus the request
+    count where a use case ran with several (never pooled); and the keys identifying a case."""
+    out = df.copy()
+    out["case"] = out["use_case"].astype(str)
+    if "num_requests" not in out:
+        return out, ["use_case", "case"]
+    multi = out.groupby("use_case")["num_requests"].transform("nunique") > 1
+    out.loc[multi, "case"] = (out.loc[multi, "case"] + ", "
+                              + out.loc[multi, "num_requests"].astype(str) + " requests")
+    return out, ["use_case", "num_requests", "case"]
+
+
 def memory_figure(df: pd.DataFrame, out_dir: Path, name: str = "throughput_vs_kv_blocks") -> list[Path]:
-    """Throughput (req/s, tok/s) vs KV capacity, one column per use case."""
+    """Throughput (req/s, tok/s) vs KV capacity, one column per use case (and request count)."""
     metrics = [("request_throughput", "Throughput (requests/s)"),
                ("total_token_throughput", "Throughput (tokens/s, in+out)")]
-    agg = aggregate(df, ["use_case", "arm", "num_blocks"], [m for m, _ in metrics])
-    cases = sorted(agg["use_case"].unique())
+    df, case_keys = _with_cases(df)
+    agg = aggregate(df, [*case_keys, "arm", "num_blocks"], [m for m, _ in metrics])
+    cases = sorted(agg["case"].unique())
     fig, axes = plt.subplots(2, len(cases), figsize=(4.2 * len(cases) + 0.6, 6.4),
                              squeeze=False, sharex="col")
     for j, uc in enumerate(cases):
-        sub = agg[agg["use_case"] == uc]
+        sub = agg[agg["case"] == uc]
         for i, (m, ylabel) in enumerate(metrics):
             ax = axes[i, j]
             for arm in _arms_in(sub):
@@ -132,12 +137,13 @@ def memory_figure(df: pd.DataFrame, out_dir: Path, name: str = "throughput_vs_kv
 
 
 def use_case_figure(df: pd.DataFrame, out_dir: Path, name: str = "throughput_by_use_case") -> list[Path]:
-    """Grouped bars per arm for each use case at its largest KV capacity."""
+    """Grouped bars per arm for each use case (and request count) at its largest KV capacity."""
     metrics = [("request_throughput", "Throughput (requests/s)"),
                ("total_token_throughput", "Throughput (tokens/s, in+out)")]
-    full = df[df["num_blocks"] == df.groupby("use_case")["num_blocks"].transform("max")]
-    agg = aggregate(full, ["use_case", "num_blocks", "arm"], [m for m, _ in metrics])
-    cases = sorted(agg["use_case"].unique())
+    df, case_keys = _with_cases(df)
+    full = df[df["num_blocks"] == df.groupby("case")["num_blocks"].transform("max")]
+    agg = aggregate(full, [*case_keys, "num_blocks", "arm"], [m for m, _ in metrics])
+    cases = sorted(agg["case"].unique())
     arms = _arms_in(agg)
     width = 0.8 / max(len(arms), 1)
     fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.6 + len(cases) * (0.5 + 0.45 * len(arms))), 7.0),
@@ -146,7 +152,7 @@ def use_case_figure(df: pd.DataFrame, out_dir: Path, name: str = "throughput_by_
     for i, (m, ylabel) in enumerate(metrics):
         ax = axes[i, 0]
         for k, arm in enumerate(arms):
-            a = agg[agg["arm"] == arm].set_index("use_case").reindex(cases)
+            a = agg[agg["arm"] == arm].set_index("case").reindex(cases)
             med = a[f"{m}_median"].to_numpy()
             err = np.vstack([med - a[f"{m}_min"].to_numpy(), a[f"{m}_max"].to_numpy() - med])
             st = _style(arm)
@@ -156,7 +162,7 @@ def use_case_figure(df: pd.DataFrame, out_dir: Path, name: str = "throughput_by_
             if ok.any():
                 ax.errorbar(xs[ok], med[ok], yerr=err[:, ok], fmt="none", ecolor="black",
                             capsize=3, linewidth=1)
-        caps = agg.groupby("use_case")["num_blocks"].first().reindex(cases)
+        caps = agg.groupby("case")["num_blocks"].first().reindex(cases)
         ax.set_xticks(x, [f"{uc}\n({int(c)} blocks)" for uc, c in zip(cases, caps)])
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)

@@ -28,7 +28,7 @@ from analysis import AnalysisError
 
 _DOC = re.compile(r"^doc\w*$")
 LABELS = ("first", "partial", "repeat", "unknown")
-REPEAT_COLUMNS = ("use_case", "arm", "request_rate", "label", "runs", "requests",
+REPEAT_COLUMNS = ("use_case", "num_blocks", "arm", "request_rate", "label", "runs", "requests",
                   "median_ttft_ms", "p90_ttft_ms", "median_e2el_ms")
 
 
@@ -74,7 +74,8 @@ def run_labels(run: dict, sources: Sequence[str | None]) -> list[str] | None:
 
 
 def repeat_table(runs: Sequence[dict], sources_of) -> pd.DataFrame:
-    """Median/p90 TTFT and median E2E per (use case, arm, rate, label) over online runs.
+    """Median/p90 TTFT and median E2E per (use case, KV capacity, arm, rate, label) over
+    online runs (every swept key: runs of different cells are never pooled).
     ``sources_of(run)`` returns the run's workload sources (or None to skip the run)."""
     rows: dict[tuple, dict] = {}
     for run in runs:
@@ -87,13 +88,13 @@ def repeat_table(runs: Sequence[dict], sources_of) -> pd.DataFrame:
             continue
         e2e = run.get("e2els_ms") or [float("nan")] * len(ttfts)
         for lab, t, e in zip(labels, ttfts, e2e):
-            key = (run.get("use_case"), run.get("arm"), run.get("request_rate"), lab)
+            key = (run.get("use_case"), run.get("num_blocks"), run.get("arm"),
+                   run.get("request_rate"), lab)
             acc = rows.setdefault(key, {"runs": set(), "ttft": [], "e2e": []})
             acc["runs"].add(run.get("run_id"))
             acc["ttft"].append(t)
             acc["e2e"].append(e)
-    out = [{"use_case": k[0], "arm": k[1], "request_rate": k[2], "label": k[3],
-            "runs": len(v["runs"]), "requests": len(v["ttft"]),
+    out = [{**dict(zip(REPEAT_COLUMNS[:5], k)), "runs": len(v["runs"]), "requests": len(v["ttft"]),
             "median_ttft_ms": float(np.median(v["ttft"])),
             "p90_ttft_ms": float(np.percentile(v["ttft"], 90)),
             "median_e2el_ms": float(np.nanmedian(v["e2e"]))} for k, v in rows.items()]
@@ -102,5 +103,5 @@ def repeat_table(runs: Sequence[dict], sources_of) -> pd.DataFrame:
         return df
     order = {lab: i for i, lab in enumerate(LABELS)}
     df["_o"] = df["label"].map(order)
-    return df.sort_values(["use_case", "request_rate", "arm", "_o"]).drop(columns="_o") \
-        .reset_index(drop=True)
+    df = df.sort_values(["use_case", "num_blocks", "request_rate", "arm", "_o"])
+    return df.drop(columns="_o").reset_index(drop=True)

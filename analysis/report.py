@@ -29,6 +29,8 @@ from analysis.audit import find_workload_meta, read_workload
 from analysis.results import ARMS, BASELINE_ARM, ENV_KEYS, ResultSet, load_results, load_trace
 from analysis.repeats import repeat_table
 from analysis.timesplit import amdahl_bounds, split_table
+from experiments.summary import (cell_key, cell_name, flat_rows, generated_tokens,
+                                 summarize_groups, table_keys)
 
 __all__ = [
     "OFFLINE_METRICS",
@@ -40,8 +42,8 @@ __all__ = [
     "build_report",
 ]
 
-OFFLINE_KEYS = ["use_case", "num_blocks", "arm"]
-ONLINE_KEYS = ["use_case", "num_blocks", "request_rate", "arm"]
+OFFLINE_KEYS = table_keys("offline")  # every swept key, then the arm
+ONLINE_KEYS = table_keys("online")
 OFFLINE_METRICS = [
     "request_throughput", "total_token_throughput", "output_throughput", "elapsed_s",
     "peak_physical_blocks", "peak_logical_blocks", "mean_dedup_ratio", "hit_rate", "preemptions",
@@ -65,30 +67,16 @@ RATIO_METRICS = [
 
 
 def summary_table(df: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
-    """Per-cell median/min/max/n over reps plus ``<m>_ratio_vs_vllm-apc``.
+    """Per-cell median/min/max/n over reps plus ``<m>_ratio_vs_vllm-apc`` for the
+    ``RATIO_METRICS`` (``experiments.summary``: the runner's implementation).
 
     The ratio is ``median(arm) / median(vllm-apc)`` in the same cell (all
     keys but ``arm``); NaN when the baseline is absent or its median is 0.
     """
     metrics = [m for m in metrics if m in df.columns]
-    agg = F.aggregate(df, list(keys), metrics)
-    if agg.empty:
-        return agg
-    cell = [k for k in keys if k != "arm"]
-    base = agg[agg["arm"] == BASELINE_ARM]
-    for m in metrics:
-        if m not in RATIO_METRICS:
-            continue
-        bmap = {tuple(r[k] for k in cell): r[f"{m}_median"] for _, r in base.iterrows()}
-        ratios = []
-        for _, r in agg.iterrows():
-            b = bmap.get(tuple(r[k] for k in cell), np.nan)
-            ratios.append(r[f"{m}_median"] / b if b and np.isfinite(b) else np.nan)
-        agg[f"{m}_ratio_vs_{BASELINE_ARM}"] = ratios
-    order = {a: i for i, a in enumerate(ARMS)}
-    agg["_arm_order"] = agg["arm"].map(lambda a: order.get(a, len(order)))
-    agg = agg.sort_values(cell + ["_arm_order"]).drop(columns="_arm_order")
-    return agg.reset_index(drop=True)
+    ratios = [m for m in metrics if m in RATIO_METRICS]
+    groups = summarize_groups(df.to_dict("records"), list(keys), metrics, ratios)
+    return pd.DataFrame(flat_rows(groups, ratios))
 
 
 def _fmt(x) -> str:
@@ -150,25 +138,6 @@ def _md_frame(df: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
-def _cell_key(r: dict) -> tuple:
-    rate = r.get("request_rate") if r["kind"] == "online" else None
-    return (r["kind"], r["use_case"], r["num_blocks"], rate)
-
-
-def _cell_name(key: tuple) -> str:
-    kind, uc, nb, rate = key
-    s = f"{kind}/{uc}/{nb} blocks"
-    return s + (f"/{rate:g} req/s" if rate is not None else "")
-
-
-def _generated_tokens(r: dict) -> int | None:
-    if r["kind"] == "online":
-        lens = r.get("output_lens")
-        return int(sum(lens)) if lens else None
-    v = r.get("total_output_tokens")
-    return None if v is None else int(v)
-
-
 def _short(items: list[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
@@ -179,14 +148,14 @@ def evaluation_checklist(rs: ResultSet, made: set[str]) -> list[CheckItem]:
     items: list[CheckItem] = []
     cells: dict[tuple, list[dict]] = {}
     for r in runs:
-        cells.setdefault(_cell_key(r), []).append(r)
+        cells.setdefault(cell_key(r), []).append(r)
 
     missing = []
     for key, rr in sorted(cells.items(), key=lambda kv: str(kv[0])):
         arms = {r["arm"] for r in rr}
         lack = [a for a in ("vllm", BASELINE_ARM) if a not in arms]
         if lack:
-            missing.append(f"{_cell_name(key)} lacks {'+'.join(lack)}")
+            missing.append(f"{cell_name(key)} lacks {'+'.join(lack)}")
     items.append(CheckItem("baselines present (vllm, vllm-apc in every cell)", not missing and bool(cells),
                            _short(missing) if missing else f"{len(cells)} cells"))
 
@@ -207,7 +176,7 @@ def evaluation_checklist(rs: ResultSet, made: set[str]) -> list[CheckItem]:
         by_arm: dict[str, int] = {}
         for r in cells[key]:
             by_arm[r["arm"]] = by_arm.get(r["arm"], 0) + 1
-        few += [f"{_cell_name(key)}/{a}: {n}" for a, n in sorted(by_arm.items()) if n < 3]
+        few += [f"{cell_name(key)}/{a}: {n}" for a, n in sorted(by_arm.items()) if n < 3]
     items.append(CheckItem("repetitions >= 3 per cell", not few and bool(cells),
                            ("too few: " + _short(few)) if few else "all cells have >= 3 reps"))
 
@@ -234,13 +203,13 @@ def evaluation_checklist(rs: ResultSet, made: set[str]) -> list[CheckItem]:
     for key, rr in sorted(cells.items(), key=lambda kv: str(kv[0])):
         per_arm: dict[str, set] = {}
         for r in rr:
-            g = _generated_tokens(r)
+            g = generated_tokens(r)
             if g is None:
                 unknown.append(r["run_id"])
             else:
                 per_arm.setdefault(r["arm"], set()).add(g)
         if len(set().union(*per_arm.values()) if per_arm else set()) > 1:
-            uneq.append(_cell_name(key) + ": " + ", ".join(
+            uneq.append(cell_name(key) + ": " + ", ".join(
                 f"{a}={sorted(v)}" for a, v in sorted(per_arm.items())))
     detail = ("differ: " + _short(uneq, 4)) if uneq else "equal in every cell"
     if unknown:
@@ -405,11 +374,14 @@ def _make_figures(rs: ResultSet, fig_dir: Path) -> _Figures:
     for (kind, uc), rr in _groups(traced, ["kind", "use_case"]).items():
         nb = max(r["num_blocks"] for r in rr)
         rr = [r for r in rr if r["num_blocks"] == nb]
-        rate_note = ""
-        if kind == "online":
+        if kind == "online":  # one cell: the largest capacity, then rate / request count
             rate = max(float(r["request_rate"]) for r in rr)
             rr = [r for r in rr if float(r["request_rate"]) == rate]
-            rate_note = f", {rate:g} req/s"
+            cell_note = f", {rate:g} req/s"
+        else:
+            nr = max(r["num_requests"] for r in rr)
+            rr = [r for r in rr if r["num_requests"] == nr]
+            cell_note = f", {nr} requests"
         chosen: dict[str, tuple[str, pd.DataFrame]] = {}
         for r in sorted(rr, key=lambda r: (r["rep"], r["run_id"])):
             if r["arm"] not in chosen:
@@ -417,7 +389,7 @@ def _make_figures(rs: ResultSet, fig_dir: Path) -> _Figures:
         figs.add("trace", f"KV blocks and dedup ratio over time ({kind}, {uc})",
                  F.trace_figure(chosen, fig_dir, f"kv_blocks_over_time__{kind}_{F.slug(uc)}",
                                 f"KV blocks over time: {kind}, {uc}, {nb} blocks capacity"
-                                f"{rate_note} (first rep per arm)"))
+                                f"{cell_note} (first rep per arm)"))
     return figs
 
 

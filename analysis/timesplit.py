@@ -1,8 +1,12 @@
 """Where an offline run's time goes: steps that computed prompt tokens vs decode-only steps.
 
 Input: step traces with the cumulative ``prefill_tokens`` and ``scheduled_tokens``
-counters (kvdedup >= this version). A step's duration is the time between its trace line
-and the previous one; a step is a *prefill step* when it computed at least one prompt
+counters. A step's duration is ``time - start``, from the start of its ``schedule()`` to
+the end of its ``update_from_output`` (traces that record ``start``); in older traces it
+is the time since the previous line, and the first line's is its ``time`` itself, which
+offline traces count from the warm-up's last step (an upper bound: it includes the gap
+before the batch arrived). Either way the first measured step, usually the largest
+prefill, is counted. A step is a *prefill step* when it computed at least one prompt
 token (it may also carry decodes), otherwise a *decode step*.
 
 The split turns the compute-bound limit of sequence mode, 1/(1-f), into an Amdahl bound
@@ -22,16 +26,26 @@ from collections.abc import Iterable
 import pandas as pd
 
 from analysis.results import BASELINE_ARM, ResultSet, load_trace
+from experiments.summary import CELL_KEYS
 
-SPLIT_COLUMNS = ("use_case", "arm", "run_id", "elapsed_s", "prefill_step_s", "decode_step_s",
+CELL = list(CELL_KEYS["offline"])
+SPLIT_COLUMNS = (*CELL, "arm", "run_id", "elapsed_s", "prefill_step_s", "decode_step_s",
                  "prefill_tokens", "decode_tokens", "reused_fraction")
+
+
+def step_seconds(df: pd.DataFrame) -> pd.Series:
+    """Each step's duration (module docstring): ``time - start``, or for traces without
+    ``start`` the time since the previous line (the first line's time since the origin)."""
+    if "start" in df:
+        return (df["time"] - df["start"]).clip(lower=0.0)
+    return df["time"].diff().fillna(df["time"].iloc[0])
 
 
 def split_trace(df: pd.DataFrame) -> dict | None:
     """Seconds and tokens of prefill steps and decode-only steps; None without counters."""
     if "prefill_tokens" not in df or "scheduled_tokens" not in df or len(df) < 2:
         return None
-    dt = df["time"].diff().fillna(0.0)
+    dt = step_seconds(df)
     dp = df["prefill_tokens"].diff().fillna(df["prefill_tokens"].iloc[0])
     ds = df["scheduled_tokens"].diff().fillna(df["scheduled_tokens"].iloc[0])
     pre = dp > 0
@@ -49,17 +63,20 @@ def split_table(rs: ResultSet) -> pd.DataFrame:
         sp = split_trace(load_trace(path))
         if sp is None:
             continue
-        rows.append({"use_case": r["use_case"], "arm": r["arm"], "run_id": r["run_id"],
+        rows.append({**{k: r[k] for k in CELL}, "arm": r["arm"], "run_id": r["run_id"],
                      "elapsed_s": r.get("elapsed_s"),
                      "reused_fraction": r.get("reused_fraction") or 0.0, **sp})
     return pd.DataFrame(rows, columns=list(SPLIT_COLUMNS))
 
 
 def amdahl_bounds(table: pd.DataFrame, arms: Iterable[str] = ("sequence",)) -> pd.DataFrame:
-    """Per use case and arm: median f, 1/(1-f), and the decode-aware bound (module doc)
-    computed from the medians of the baseline's prefill-step and decode-step seconds."""
+    """Per cell (every swept key present in ``table``) and arm: median f, 1/(1-f), and the
+    decode-aware bound (module doc) from the medians of the baseline's prefill-step and
+    decode-step seconds in the same cell."""
     out = []
-    for uc, g in table.groupby("use_case", sort=True):
+    keys = [k for k in CELL if k in table]
+    for cell, g in table.groupby(keys, sort=True):
+        cell = cell if isinstance(cell, tuple) else (cell,)
         base = g[g["arm"] == BASELINE_ARM]
         if base.empty:
             continue
@@ -70,7 +87,7 @@ def amdahl_bounds(table: pd.DataFrame, arms: Iterable[str] = ("sequence",)) -> p
                 continue
             f = float(a["reused_fraction"].median())
             bound = (bp + bd) / (bp * (1 - f) + bd) if bp + bd > 0 else float("nan")
-            out.append({"use_case": uc, "arm": arm, "f": round(f, 3),
+            out.append({**dict(zip(keys, cell)), "arm": arm, "f": round(f, 3),
                         "limit_1_over_1_minus_f": round(1 / (1 - f), 3) if f < 1 else None,
                         f"{BASELINE_ARM}_prefill_step_s": round(bp, 1),
                         f"{BASELINE_ARM}_decode_step_s": round(bd, 1),

@@ -14,7 +14,7 @@ Invariants
 * Verifying blocks 0..j of a chained prefix in order verifies the whole prefix: each
   block's own tokens are compared, and block i holds tokens [i*B, (i+1)*B).
 * The ledger owns no blocks and changes no reference counts; it is a side table indexed
-  by block id, sized once for the whole pool (``num_blocks * block_size`` int32).
+  by block id, sized once for the whole pool (``num_blocks * block_size`` int64).
 """
 
 from __future__ import annotations

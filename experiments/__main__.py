@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 from experiments.config import CONFIG_DIR, ConfigError, load_config
+from experiments.schema import ARMS
 from experiments.workloads import WorkloadError
 
 
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m experiments",
                                  description="kvdedup experiments: offline throughput and online "
-                                             "latency sweeps over arms vllm, vllm-apc, prefix.")
+                                             f"latency sweeps over arms {', '.join(ARMS)}.")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="run (or resume) the sweep of a config")
     r.add_argument("config", help="YAML file or name under experiments/configs/")

@@ -23,7 +23,7 @@ import numpy as np
 def run(model: str, dedup: str, shared: int, unique: int, n: int, budget: int, reps: int,
         chunk_cap: int = 0):
     import vllm_ext
-    from vllm import SamplingParams
+    from vllm_ext import SamplingParams
 
     rng = np.random.default_rng(0)
     llm = vllm_ext.LLM(model, dedup=dedup, enable_prefix_caching=True, enforce_eager=True,

@@ -55,8 +55,9 @@ ratio of the workload sizes (requests x mean tokens) between the study and the C
 The CPU configs state the resulting numbers; the GPU-scale configs keep the study's.
 
 CPU speed settings (see /work/shared/notes/vllm-0.32-hooks.md): float32 and
-``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` (both set by ``vllm_ext.LLM`` / the server launcher)
-make SmolLM2 prefill ~11x faster than vLLM's CPU defaults (bf16, one core reserved).
+``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` (``vllm_ext.launch.cpu_defaults`` and ``CPU_ENV``, set
+wherever kvdedup starts an engine or server) make SmolLM2 prefill ~11x faster than vLLM's
+CPU defaults (bf16, one core reserved).
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ from typing import Any
 
 import yaml
 
-ARMS = ("vllm", "vllm-apc", "prefix", "sequence", "shared")
-IMPLEMENTED_ARMS = ARMS
-KINDS = ("offline", "online")
+from dedup.paths import cache_root
+from experiments.schema import ARMS, KINDS
+from vllm_ext.launch import DEDUP_OPTIONS, check_options, mode_options
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TOP_KEYS = {"name", "kind", "model", "arms", "reps", "engine", "workloads", "num_blocks",
             "num_requests", "run_timeout_s", "online", "quick", "description", "sequence"}
@@ -133,9 +135,6 @@ class Config:
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-from vllm_ext.models import cache_root  # noqa: E402  (one definition of the cache root)
-
-
 def _expand(p: str) -> Path:
     env = dict(os.environ)
     env.setdefault("KVDEDUP_CACHE", str(cache_root()))
@@ -172,9 +171,6 @@ def check_arms(arms: list[str]) -> list[str]:
     for a in arms:
         if a not in ARMS:
             raise ConfigError(f"unknown arm {a!r}; choose from {', '.join(ARMS)}")
-        if a not in IMPLEMENTED_ARMS:
-            raise ConfigError(f"arm {a!r} is not implemented yet in this version of kvdedup "
-                              f"(available: {', '.join(IMPLEMENTED_ARMS)})")
     if len(set(arms)) != len(arms):
         raise ConfigError(f"duplicate arms in {arms}")
     return list(arms)
@@ -219,7 +215,7 @@ def parse_config(raw: dict, where: str = "config") -> Config:
     if kind not in KINDS:
         raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     name = str(raw.get("name") or "experiment")
-    arms = raw.get("arms", list(IMPLEMENTED_ARMS))
+    arms = raw.get("arms", list(ARMS))
     if not isinstance(arms, list):
         raise ConfigError(f"{where}: arms must be a list")
     arms = check_arms(arms)
@@ -288,17 +284,13 @@ def parse_config(raw: dict, where: str = "config") -> Config:
 def _sequence_options(raw: Any, where: str) -> dict[str, Any]:
     if raw is None:
         return {}
-    if not isinstance(raw, dict) or set(raw) - {"k", "store_bytes", "min_inject", "eviction"}:
-        raise ConfigError(f"{where}: sequence must map k / store_bytes / min_inject to ints "
-                          "(and, for shared, eviction to frequency or lru)")
-    for k, v in raw.items():
-        if k == "eviction":
-            if v not in ("frequency", "lru"):
-                raise ConfigError(f"{where}: sequence.eviction must be frequency or lru, "
-                                  f"got {v!r}")
-        elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{where}: sequence.{k} must be an int >= 0, got {v!r}")
-    return dict(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: sequence must map {' / '.join(DEDUP_OPTIONS)} "
+                          "to values")
+    try:
+        return check_options(raw)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def arm_engine_kwargs(arm: str, sequence: dict | None = None) -> tuple[str, dict[str, Any]]:
@@ -308,13 +300,8 @@ def arm_engine_kwargs(arm: str, sequence: dict | None = None) -> tuple[str, dict
         return "observe", {"enable_prefix_caching": False}
     if arm == "vllm-apc":
         return "observe", {"enable_prefix_caching": True}
-    opts = dict(sequence or {})
-    if arm == "sequence":
-        opts.pop("eviction", None)
-        return "sequence", {"dedup_options": opts}
-    if arm == "shared":
-        opts.pop("store_bytes", None)
-        return "shared", {"dedup_options": opts}
+    if arm in ("sequence", "shared"):  # the mode reads its own of the config's options
+        return arm, {"dedup_options": mode_options(arm, sequence)}
     return "prefix", {}
 
 

@@ -2,7 +2,7 @@
 
 Collected without importing vLLM or torch (package metadata only), so it is cheap to
 record in every run JSON (``env`` field; keys ``versions``, ``cpu``, ``git_commit``,
-``threads`` are what ``analysis.results`` requires).
+``threads`` are ``experiments.schema.ENV_KEYS``, what a report requires).
 """
 
 from __future__ import annotations

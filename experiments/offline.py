@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_ext.metrics import COUNTERS  # the cumulative step counters (a numpy-only module)
+from vllm_ext.metrics import COUNTERS  # the cumulative step counters (engine-free module)
 
 WARMUP_TOKENS = 40
 WARMUP_OUTPUT = 4
-TRACE_KEYS = ("step", "time", "num_running", "num_waiting", "logical_blocks", "physical_blocks",
+TRACE_KEYS = ("step", "time", "start", "num_running", "num_waiting", "logical_blocks", "physical_blocks",
               "peak_physical_blocks", "peak_logical_blocks", "dedup_ratio", "bytes_saved",
               *COUNTERS)
 
@@ -44,14 +44,16 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def summarize_trace(rows: list[dict], first_step: int, base: dict, t0: float) -> tuple[list[dict], dict]:
-    """Steps after ``first_step`` (the measured batch), rebased: time from ``t0`` (engine
-    clock) and counters minus ``base``. Returns (rows, metrics)."""
+    """Steps after ``first_step`` (the measured batch), rebased: ``time`` and ``start``
+    from ``t0`` (engine clock) and counters minus ``base``. Returns (rows, metrics)."""
     out = []
     for r in rows:
         if r.get("step", 0) <= first_step:
             continue
         r = dict(r)
-        r["time"] = round(float(r["time"]) - t0, 6)
+        for k in ("time", "start"):
+            if k in r:
+                r[k] = round(float(r[k]) - t0, 6)
         for k in COUNTERS:
             if k in r:
                 r[k] = r[k] - base.get(k, 0)
@@ -84,9 +86,8 @@ def warmup_prompt(reqs) -> list[int]:
 
 def run_offline(spec: dict) -> dict:
     """Run one offline measurement described by ``spec`` (see the runner) -> metrics."""
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     import vllm_ext
-    from vllm import SamplingParams
+    from vllm_ext import SamplingParams
 
     from experiments.config import arm_engine_kwargs
     from experiments.workloads import load_workload

@@ -1,11 +1,10 @@
 """One online latency run: an OpenAI-compatible server per arm on 127.0.0.1 and a
 streaming client with Poisson (or gamma-burst) arrivals.
 
-* Server: :func:`server_command` is the ONE place that says how a server is launched
-  (today ``python -m vllm.entrypoints.openai.api_server`` with the flags that
-  ``vllm_ext.launch.engine_kwargs`` would set; switching to ``kvdedup serve`` is a change
-  there). :func:`start_server` waits for ``/health`` and, if the server dies or does not
-  come up in time, raises :class:`ServerError` with the tail of its log.
+* Server: :func:`server_command` is the ONE place that says how a server is launched:
+  ``kvdedup serve``'s command (``vllm_ext.cli.serve_command``) for the arm's mode.
+  :func:`start_server` waits for ``/health`` and, if the server dies or does not come up
+  in time, raises :class:`ServerError` with the tail of its log.
 * Client: ``/v1/completions`` with token-id prompts, ``stream=True``, ``max_tokens`` = the
   reference output length, ``ignore_eos`` (vLLM extra body), temperature 0. Per request:
   TTFT (first streamed chunk), ITLs (between chunks), E2E, output tokens (from the final
@@ -52,33 +51,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _flag(key: str, value: Any) -> list[str]:
-    name = "--" + key.replace("_", "-")
-    if value is True:
-        return [name]
-    if value is False:
-        return ["--no-" + key.replace("_", "-")]
-    if value is None:
-        return []
-    if isinstance(value, (dict, list)):
-        return [name, json.dumps(value)]
-    return [name, str(value)]
-
-
 def server_command(model_dir: str, arm: str, engine: dict, num_blocks: int, port: int,
                    trace: str | None = None, sequence: dict | None = None) -> list[str]:
     """The command line of a server for ``arm``: ``kvdedup serve``'s (``vllm_ext.cli``)."""
     from experiments.config import arm_engine_kwargs
-    from vllm_ext.cli import serve_command
+    from vllm_ext.cli import engine_flags, serve_command
 
     mode, arm_kw = arm_engine_kwargs(arm, sequence)
     options = arm_kw.pop("dedup_options", None)
     kw: dict[str, Any] = {"gpu_memory_utilization": 0.3, **engine, **arm_kw,
                           "num_gpu_blocks_override": int(num_blocks)}
     flags = ["--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1",
-             "--port", str(port)]
-    for k, v in kw.items():
-        flags += _flag(k, v)
+             "--port", str(port), *engine_flags(kw)]
     return serve_command(model_dir, mode, trace, flags, options)
 
 
@@ -101,13 +85,16 @@ def log_tail(path: Path, n: int = 30) -> str:
     return "\n".join(lines[-n:])
 
 
-def start_server(cmd: list[str], port: int, log_path: Path, timeout_s: float = 300.0) -> Server:
-    """Start ``cmd`` (its own process group, output to ``log_path``) and wait for health."""
+def start_server(cmd: list[str], port: int, log_path: Path, timeout_s: float = 300.0,
+                 env: dict[str, str] | None = None) -> Server:
+    """Start ``cmd`` (its own process group, output to ``log_path``, this process's
+    environment plus ``env``) and wait for health."""
+    from vllm_ext.launch import apply_cpu_env
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    env = {**os.environ, **(env or {})}
+    apply_cpu_env(env)
     repo = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     logf = open(log_path, "w", encoding="utf-8")
     logf.write("$ " + " ".join(cmd) + "\n")
     logf.flush()
@@ -341,7 +328,12 @@ def run_online(spec: dict) -> dict:
     port = free_port()
     cmd = server_command(spec["model_dir"], spec["arm"], spec["engine"], spec["num_blocks"],
                          port, trace=spec.get("trace"), sequence=spec.get("sequence"))
-    srv = start_server(cmd, port, Path(spec["log"]), online["server_start_timeout_s"])
+    from experiments.config import arm_engine_kwargs
+    from vllm_ext.launch import dedup_env
+
+    mode, _ = arm_engine_kwargs(spec["arm"], spec.get("sequence"))
+    srv = start_server(cmd, port, Path(spec["log"]), online["server_start_timeout_s"],
+                       env=dedup_env(mode))
     try:
         results, duration = run_client(srv.base_url, prompts, max_tokens, arrivals,
                                        online["request_timeout_s"],

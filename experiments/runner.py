@@ -23,23 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.config import ARMS, Config, ConfigError, blocks_needed
+from experiments.config import Config, ConfigError, blocks_needed
 from experiments.env import collect_env
+from experiments.schema import BASELINE_ARM, PARQUET_FIELDS, RUN_FIELDS, validate_run
+from experiments.summary import arm_rank, cell_key, generated_tokens, summarize_groups
 
 REPO = Path(__file__).resolve().parent.parent
-BASELINE_ARM = "vllm-apc"
 SUMMARY_METRICS_OFFLINE = ("request_throughput", "total_token_throughput", "output_throughput",
                            "elapsed_s", "peak_physical_blocks", "mean_physical_blocks",
                            "peak_logical_blocks", "mean_dedup_ratio", "hit_rate", "preemptions")
 SUMMARY_METRICS_ONLINE = ("p95_normalized_latency_s", "mean_normalized_latency_s", "goodput",
                           "mean_ttft_ms", "p95_ttft_ms", "mean_tpot_ms", "p95_e2el_ms",
                           "completed", "failed")
-
-
-def _schema():
-    from analysis.results import LIST_FIELDS, PARQUET_FIELDS, RUN_FIELDS, validate_run
-
-    return RUN_FIELDS, PARQUET_FIELDS, LIST_FIELDS, validate_run
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -182,9 +177,8 @@ _PRELOADED = False
 def _preload() -> None:
     global _PRELOADED
     if not _PRELOADED:
-        import vllm  # noqa: F401
         import vllm_ext.launch  # noqa: F401
-        from vllm import SamplingParams  # noqa: F401
+        from vllm_ext import SamplingParams  # noqa: F401  (imports vLLM)
         _PRELOADED = True
 
 
@@ -222,8 +216,6 @@ def _fork_child(spec_path: Path, res_path: Path, log: Path, timeout_s: float) ->
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             os.environ["KVDEDUP_RUNNER_CHILD"] = "1"
-            os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"]
-                                                    if os.environ.get("PYTHONPATH") else "")
             from experiments.offline import main as offline_main
 
             code = offline_main([str(spec_path), str(res_path)])
@@ -259,10 +251,7 @@ def _run_offline_child(spec: dict, out: Path, timeout_s: float) -> dict:
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     log = out / "logs" / f"{rid}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    env["KVDEDUP_RUNNER_CHILD"] = "1"
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = {**os.environ, "KVDEDUP_RUNNER_CHILD": "1"}
     if FORK_RUNS:
         rc = _fork_child(spec_path, res_path, log, timeout_s)
     else:
@@ -281,7 +270,6 @@ def _run_offline_child(spec: dict, out: Path, timeout_s: float) -> dict:
 
 def execute(run: dict, cfg: Config, out: Path, model_dir: str, env_rec: dict) -> dict:
     """Run one planned run; never raises for a failed run (returns status failed)."""
-    RUN_FIELDS, _, _, validate_run = _schema()
     rid = run["run_id"]
     trace_rel = f"traces/{rid}.jsonl"
     rec: dict[str, Any] = {
@@ -345,65 +333,49 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- summary
-def _stats(vals: list[float]) -> dict | None:
-    import statistics
-
-    vals = [float(v) for v in vals if v is not None]
-    if not vals:
-        return None
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
-
-
-def _cell_key(r: dict) -> tuple:
-    return (r["kind"], r["use_case"], int(r["num_blocks"]),
-            int(r["num_requests"]) if r["kind"] == "offline" else None,
-            r.get("request_rate") if r["kind"] == "online" else None)
-
-
 def summarize(runs: list[dict], cfg: Config | None = None) -> dict:
-    """Per cell and arm: median [min, max] of the metrics, ratio vs vllm-apc (offline:
-    request throughput; online: goodput), and for online the max rate meeting the SLO."""
+    """Per cell (``experiments.summary.CELL_KEYS``) and arm: median [min, max] of the
+    metrics, ratio vs vllm-apc (offline: request throughput; online: goodput), and for
+    online the max rate meeting the SLO."""
     cells: dict[tuple, list[dict]] = {}
     for r in runs:
-        cells.setdefault(_cell_key(r), []).append(r)
+        cells.setdefault(cell_key(r), []).append(r)
     out_cells = []
     for key in sorted(cells, key=lambda k: tuple((x is None, x) for x in k)):
         rs = cells[key]
-        kind, uc, nb, nr, rate = key
+        kind, uc, nb, last = key
         ok = [r for r in rs if r["status"] == "ok"]
         metrics = SUMMARY_METRICS_OFFLINE if kind == "offline" else SUMMARY_METRICS_ONLINE
         cell: dict[str, Any] = {"kind": kind, "use_case": uc, "num_blocks": nb,
-                                "num_requests": nr, "request_rate": rate, "arms": {},
-                                "comparable": True, "notes": []}
+                                "num_requests": last if kind == "offline" else None,
+                                "request_rate": last if kind == "online" else None,
+                                "arms": {}, "comparable": True, "notes": []}
         # refuse to compare runs that generated different numbers of tokens (offline)
         if kind == "offline":
-            counts = {(r["arm"], r["rep"]): r.get("total_output_tokens") for r in ok}
-            if len(set(counts.values())) > 1:
+            counts = {generated_tokens(r) for r in ok}
+            if len(counts) > 1:
                 cell["comparable"] = False
                 cell["notes"].append("generated token counts differ between runs "
-                                     f"({sorted(set(counts.values()))}): ratios not computed")
+                                     f"({sorted(counts, key=lambda c: (c is None, c))}): "
+                                     "ratios not computed")
             bad = [r["run_id"] for r in ok if r.get("reference_output_lens_match") is False]
             if bad:
                 cell["comparable"] = False
                 cell["notes"].append(f"runs not generating the reference lengths: {bad}")
-        arms_present = sorted({r["arm"] for r in rs}, key=lambda a: ARMS.index(a))
-        for arm in arms_present:
-            ar = [r for r in ok if r["arm"] == arm]
-            entry: dict[str, Any] = {"n_ok": len(ar),
-                                     "n_failed": sum(1 for r in rs if r["arm"] == arm and r["status"] != "ok"),
-                                     "runs": sorted(r["run_id"] for r in rs if r["arm"] == arm)}
-            for m in metrics:
-                entry[m] = _stats([r.get(m) for r in ar])
-            if kind == "offline" and ar:
-                entry["total_output_tokens"] = ar[0].get("total_output_tokens")
-            cell["arms"][arm] = entry
         main = "request_throughput" if kind == "offline" else "goodput"
-        base = cell["arms"].get(BASELINE_ARM, {}).get(main)
-        for arm, entry in cell["arms"].items():
-            v = entry.get(main)
-            entry["ratio_vs_vllm_apc"] = (v["median"] / base["median"]
-                                          if cell["comparable"] and v and base and base["median"]
-                                          else None)
+        groups = {g["key"]["arm"]: g for g in summarize_groups(
+            ok, ["arm"], metrics, [main] if cell["comparable"] else [])}
+        for arm in sorted({r["arm"] for r in rs}, key=arm_rank):
+            g = groups.get(arm, {"stats": {m: None for m in metrics}, "ratios": {}})
+            entry: dict[str, Any] = {
+                "n_ok": sum(1 for r in ok if r["arm"] == arm),
+                "n_failed": sum(1 for r in rs if r["arm"] == arm and r["status"] != "ok"),
+                "runs": sorted(r["run_id"] for r in rs if r["arm"] == arm), **g["stats"]}
+            if kind == "offline" and entry["n_ok"]:
+                entry["total_output_tokens"] = next(
+                    r.get("total_output_tokens") for r in ok if r["arm"] == arm)
+            entry["ratio_vs_vllm_apc"] = g["ratios"].get(main)
+            cell["arms"][arm] = entry
         out_cells.append(cell)
     summary: dict[str, Any] = {"baseline_arm": BASELINE_ARM,
                                "ratio_metric": {"offline": "request_throughput", "online": "goodput"},
@@ -440,7 +412,6 @@ def summarize(runs: list[dict], cfg: Config | None = None) -> dict:
 def write_parquet(runs: list[dict], out: Path) -> None:
     import pandas as pd
 
-    _, PARQUET_FIELDS, _, _ = _schema()
     rows = [{k: r.get(k) for k in PARQUET_FIELDS} for r in runs]
     df = pd.DataFrame(rows, columns=list(PARQUET_FIELDS))
     tmp = out / ".runs.parquet.tmp"
@@ -505,7 +476,9 @@ def default_out(cfg: Config, quick: bool) -> Path:
 def run_sweep(cfg: Config, out: Path, dry_run: bool = False, progress: bool = True,
               log=print) -> tuple[dict | None, list[dict]]:
     """Run (or resume) the sweep. Returns (summary, records of the runs executed now)."""
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    from vllm_ext.launch import apply_cpu_env
+
+    apply_cpu_env()  # inherited by every run (and recorded in each run's env)
     ensure_workloads(cfg, log)
     check_inputs(cfg)
     runs = plan(cfg)

@@ -30,7 +30,7 @@ def _texts(path: str, n: int, length: int):
 
 def run(arm: str, model: str, docs, k: int, head_a, head_b, tail):
     import vllm_ext
-    from vllm import SamplingParams
+    from vllm_ext import SamplingParams
 
     mode = {"vllm-apc": "observe", "sequence": "sequence"}[arm]
     llm = vllm_ext.LLM(model, dedup=mode, enforce_eager=True, max_model_len=2048,
@@ -59,9 +59,10 @@ def main(argv=None) -> int:
     p.add_argument("--doc-tokens", type=int, default=1500)
     p.add_argument("--k", type=int, default=32)
     a = p.parse_args(argv)
-    from vllm_ext.models import cache_root, resolve_model
+    from dedup.paths import data_root
+    from vllm_ext.models import resolve_model
 
-    wl = a.workload or str(cache_root() / "data/experiments/seq-standin-summarization.jsonl")
+    wl = a.workload or str(data_root() / "experiments/seq-standin-summarization.jsonl")
     resolve_model(a.model)
     docs, head_a, head_b, tail = _texts(wl, a.docs, a.doc_tokens)
     out = {}

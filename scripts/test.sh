@@ -5,5 +5,4 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 python -m vllm_ext.models tiny >/dev/null
 python -m vllm_ext.models smollm2 >/dev/null
-export VLLM_CPU_NUM_OF_RESERVED_CPU="${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}"
 exec python -m pytest -q -p no:cacheprovider "$@"

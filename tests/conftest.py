@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+from vllm_ext.launch import apply_cpu_env
+
+apply_cpu_env()  # as vllm_ext.LLM and kvdedup serve do; engines started directly inherit it
 
 
 class EnginePool:

@@ -76,9 +76,9 @@ def test_shared_template_of_k_blocks_exact_prefix_fraction():
     assert hits == [0] + [k * b] * 4
     total = sum(len(p) for p in prompts)
     res = audit_requests(prompts, [b, 32], concurrency=2)
-    assert res["prefix_shareable_fraction"] == pytest.approx(4 * k * b / total)
+    assert res["prefix_block_fraction"] == pytest.approx(4 * k * b / total)
     # position-independent blocks share exactly the template blocks as well
-    assert res["block_shareable_fraction"] == pytest.approx(4 * k * b / total)
+    assert res["fixed_block_fraction"] == pytest.approx(4 * k * b / total)
     per = res["per_block_size"]
     assert per["16"]["prefix"]["shareable_blocks"] == 4 * k
     assert per["16"]["total_full_blocks"] == sum(len(p) // 16 for p in prompts)
@@ -96,7 +96,7 @@ def test_vllm_cap_on_exact_block_aligned_repeat():
     assert prefix_hit_tokens(prompts, b) == [0, 48, 64, 48, 16, 0]
     res = audit_requests(prompts, [b])
     total = sum(len(p) for p in prompts)
-    assert res["prefix_shareable_fraction"] == pytest.approx((48 + 64 + 48 + 16) / total)
+    assert res["prefix_block_fraction"] == pytest.approx((48 + 64 + 48 + 16) / total)
 
 
 def test_prefix_hit_tokens_accepts_dicts_and_workload_requests(tmp_path):
@@ -131,10 +131,10 @@ def test_run_at_three_offsets_block_rule_and_within_prompt_repeat():
     ]
     total = sum(len(p) for p in prompts)
     res = audit_requests(prompts, [b])
-    assert res["block_shareable_fraction"] == pytest.approx((64 + 0 + 128 + 32) / total)
+    assert res["fixed_block_fraction"] == pytest.approx((64 + 0 + 128 + 32) / total)
     # prefix: only run+run's leading 4 blocks hit (chain breaks at block 4)
     assert prefix_hit_tokens(prompts, b) == [0, 0, 0, 64, 0]
-    assert res["prefix_shareable_fraction"] == pytest.approx(64 / total)
+    assert res["prefix_block_fraction"] == pytest.approx(64 / total)
 
 
 def test_run_at_three_offsets_run_rule_exact(sentinel_chunker):
@@ -150,14 +150,14 @@ def test_run_at_three_offsets_run_rule_exact(sentinel_chunker):
     total = sum(len(p) for p in prompts)
     res = audit_requests(prompts, [16])
     assert res["runs"]["shareable_tokens"] == 2 * len(run) + len(y)
-    assert res["run_shareable_fraction"] == pytest.approx((2 * len(run) + len(y)) / total)
+    assert res["chunk_run_fraction"] == pytest.approx((2 * len(run) + len(y)) / total)
     assert res["runs"]["shareable_runs"] == 2 * 3 + 1
 
 
 def test_real_chunker_exact_repeat_and_shifted_run():
     run = rand(2000, seed=1)
     res = audit_requests([run, run, run], [16])
-    assert res["run_shareable_fraction"] == pytest.approx(2 / 3)
+    assert res["chunk_run_fraction"] == pytest.approx(2 / 3)
     # shifted copies re-synchronise within ~W+m+avg tokens (dedup.hashing docs)
     prompts = [run, rand(37, seed=2) + run + rand(11, seed=3), rand(101, seed=4) + run]
     res = audit_requests(prompts, [16])
@@ -218,9 +218,9 @@ def test_cli_json_and_table(tmp_path, capsys):
     path = write_workload(tmp_path / "w.jsonl", [t + fresh(5), t + fresh(40)])
     assert main(["audit", str(path), "--block-size", "16", "32", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("prefix_shareable_fraction", "block_shareable_fraction", "run_shareable_fraction"):
+    for key in ("prefix_block_fraction", "fixed_block_fraction", "chunk_run_fraction"):
         assert 0.0 <= out[key] <= 1.0
-    assert out["prefix_shareable_fraction"] == pytest.approx(32 / (37 + 72))
+    assert out["prefix_block_fraction"] == pytest.approx(32 / (37 + 72))
     assert set(out["per_block_size"]) == {"16", "32"}
     assert out["per_block_size"]["32"]["prefix"]["shareable_blocks"] == 1
     assert main(["audit", str(path), "--concurrency", "2"]) == 0

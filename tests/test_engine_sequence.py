@@ -1,8 +1,8 @@
 """Sequence mode on a real vLLM engine (tiny model).
 
-Engines, one alive at a time: stock APC-off for reference outputs; sequence with APC off
-and k=0 (every reusable token is injected); sequence with APC on, k=32, a small store
-budget and a step trace.
+Engines, one alive at a time: stock APC-off for reference outputs (a module-scoped
+fixture, so any test also runs alone); sequence with APC off and k=0 (every reusable
+token is injected); sequence with APC on, k=32, a small store budget and a step trace.
 """
 
 from __future__ import annotations
@@ -41,15 +41,15 @@ P, D, P2 = _tokens(1, 40), _tokens(2, 400), _tokens(3, 70)
 A = P + D + _tokens(4, 10)
 SAME_CONTEXT = [P + D + _tokens(10 + i, 12) for i in range(6)]
 EXACT_ONLY = P2 + _tokens(30, 60)
-REF: dict[tuple, list[int]] = {}
 
 
-def test_reference_outputs(engines):
+@pytest.fixture(scope="module")
+def ref(engines) -> dict[tuple, list[int]]:
+    """Prompt -> greedy output (16 tokens) on stock vLLM without prefix caching."""
     llm = engines.get("stock-noapc", **TINY, num_gpu_blocks_override=40, dedup="off",
                       enable_prefix_caching=False)
     prompts = [A, *SAME_CONTEXT, EXACT_ONLY]
-    for p, o in zip(prompts, _greedy(llm, prompts)):
-        REF[tuple(p)] = o
+    return {tuple(p): o for p, o in zip(prompts, _greedy(llm, prompts))}
 
 
 def _seq_k0(engines):
@@ -59,39 +59,40 @@ def _seq_k0(engines):
                        enable_prefix_caching=False, dedup_options={"k": 0})
 
 
-def test_run_from_identical_context_is_injected_and_output_is_exact(engines):
+def test_run_from_identical_context_is_injected_and_output_is_exact(engines, ref):
     llm = _seq_k0(engines)
-    assert _greedy(llm, [A]) == [REF[tuple(A)]]
+    assert _greedy(llm, [A]) == [ref[tuple(A)]]
     s0 = _stats(llm)
     out = _greedy(llm, [SAME_CONTEXT[0]])
     s1 = _stats(llm)
     assert s1["sequence_hits"] - s0["sequence_hits"] >= 1
     # the last stored chunk of A straddles its private suffix, so not all 440 shared tokens
     assert s1["sequence_tokens_reused"] - s0["sequence_tokens_reused"] >= 0.8 * 440
-    assert out == [REF[tuple(SAME_CONTEXT[0])]]
+    assert out == [ref[tuple(SAME_CONTEXT[0])]]
 
 
-def test_prompt_logprobs_requests_are_computed_not_injected(engines):
+def test_prompt_logprobs_requests_are_computed_not_injected(engines, ref):
     from vllm import SamplingParams
 
     llm = _seq_k0(engines)
+    _greedy(llm, [A])  # A's runs are in the store (already, when the tests run in order)
     s0 = _stats(llm)
     out = llm.generate([{"prompt_token_ids": SAME_CONTEXT[1]}],
                        SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
                                       prompt_logprobs=1), use_tqdm=False)[0]
     assert _stats(llm)["sequence_hits"] == s0["sequence_hits"]
-    assert list(out.outputs[0].token_ids) == REF[tuple(SAME_CONTEXT[1])]
+    assert list(out.outputs[0].token_ids) == ref[tuple(SAME_CONTEXT[1])]
     assert all(lp is not None for lp in out.prompt_logprobs[1:])
 
 
-def test_forced_preemption_during_planned_requests_completes_correctly(engines):
+def test_forced_preemption_during_planned_requests_completes_correctly(engines, ref):
     llm = _seq_k0(engines)
     s0 = _stats(llm)
     outs = _greedy(llm, SAME_CONTEXT, max_tokens=48)
     s1 = _stats(llm)
     assert s1["preemptions"] > s0["preemptions"], "30 blocks did not force preemption"
     assert s1["sequence_hits"] > s0["sequence_hits"]
-    assert [o[:16] for o in outs] == [REF[tuple(p)] for p in SAME_CONTEXT]
+    assert [o[:16] for o in outs] == [ref[tuple(p)] for p in SAME_CONTEXT]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def _seq_apc(engines, trace):
                        dedup_options={"k": 32, "store_bytes": 800 * BYTES_PER_TOKEN})
 
 
-def test_injected_blocks_never_enter_the_prefix_cache(engines, seq_trace):
+def test_injected_blocks_never_enter_the_prefix_cache(engines, seq_trace, ref):
     llm = _seq_apc(engines, seq_trace)
     _greedy(llm, [A])
     c = P2 + D + _tokens(20, 10)      # the document after another prefix: injected
@@ -129,7 +130,7 @@ def test_injected_blocks_never_enter_the_prefix_cache(engines, seq_trace):
     s2 = _stats(llm)
     assert len(P2) // B * B <= s2["prefix_hits"] - s1["prefix_hits"] <= exact_blocks
     # A request sharing only the exact prefix gets exact outputs.
-    assert _greedy(llm, [EXACT_ONLY]) == [REF[tuple(EXACT_ONLY)]]
+    assert _greedy(llm, [EXACT_ONLY]) == [ref[tuple(EXACT_ONLY)]]
 
 
 def test_follower_in_the_same_batch_reuses_the_document(engines, seq_trace):

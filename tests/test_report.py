@@ -348,3 +348,45 @@ def test_online_repeats_table_when_sources_name_documents(tmp_path):
 def test_no_repeats_table_without_documents(full_report):
     _, out = full_report
     assert not (out / "tables" / "online_repeats.csv").exists()
+
+
+def test_two_request_counts_are_two_cells_in_report_and_runner_summary(tmp_path):
+    """offline-throughput sweeps num_requests: a cell per count, never one median over both."""
+    from experiments.runner import summarize
+
+    root = make_results(tmp_path / "OUT", online=False, traces=False)
+    rps = {32: {"vllm-apc": [1.0, 1.1, 1.2], "prefix": [1.5, 1.6, 1.7]},
+           64: {"vllm-apc": [2.0, 2.1, 2.2], "prefix": [2.2, 2.4, 2.6]}}
+    for p in (root / "runs").glob("*.json"):
+        p.unlink()
+    runs = []
+    for nr, arms in rps.items():
+        for arm, vals in arms.items():
+            for rep, v in enumerate(vals):
+                run = _offline(arm, 64, rep, v, num_requests=nr, total_output_tokens=50 * nr,
+                               trace=None)
+                run["run_id"] = f"off-{arm}-n{nr}-r{rep}"
+                runs.append(run)
+                (root / "runs" / f"{run['run_id']}.json").write_text(json.dumps(run))
+    pd.DataFrame([{k: r.get(k) for k in PARQUET_FIELDS} for r in runs]).to_parquet(
+        root / "runs.parquet")
+    out = build_report(root)
+    t = pd.read_csv(out / "tables" / "offline_summary.csv")
+    assert len(t) == 4 and (t["n_reps"] == 3).all()
+    for nr, arms in rps.items():
+        row = t[(t["arm"] == "prefix") & (t["num_requests"] == nr)].iloc[0]
+        ratio = np.median(arms["prefix"]) / np.median(arms["vllm-apc"])
+        assert row["request_throughput_ratio_vs_vllm-apc"] == pytest.approx(ratio)
+    md = (out / "report.md").read_text()
+    assert "**PASS** generated token counts equal across arms" in md
+    assert "**PASS** repetitions >= 3 per cell" in md
+    mem = pd.read_csv(out / "figures" / "throughput_vs_kv_blocks.csv")
+    assert sorted(mem["num_requests"]) == [32, 32, 64, 64] and (mem["n_reps"] == 3).all()
+    # the runner's summary.json: the same cells, the same numbers
+    s = summarize(runs)
+    assert [(c["num_requests"], c["comparable"]) for c in s["cells"]] == [(32, True), (64, True)]
+    for c in s["cells"]:
+        row = t[(t["arm"] == "prefix") & (t["num_requests"] == c["num_requests"])].iloc[0]
+        pre = c["arms"]["prefix"]
+        assert pre["request_throughput"]["median"] == row["request_throughput_median"]
+        assert pre["ratio_vs_vllm_apc"] == pytest.approx(row["request_throughput_ratio_vs_vllm-apc"])

@@ -1,11 +1,16 @@
-"""Key re-rotation: keys computed at position p and re-rotated by d equal keys computed at p + d."""
+"""Key re-rotation on the path production uses: the worker store captures keys through a
+layer's KV write and injects them at another position with ``rope.rotation`` and
+``rope.rotate``, exactly as ``WorkerKVStore._inject`` does in sequence mode."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vllm_ext.rope import RotaryParams, UnsupportedPositionalEncoding, rerotate
+from vllm_ext.kv_store import WorkerKVStore
+from vllm_ext.rope import RotaryParams, UnsupportedPositionalEncoding, rerotate, rotate, rotation
+
+N = 48
 
 
 @pytest.fixture(scope="module")
@@ -28,39 +33,94 @@ def _layer0_keys(model, tokens: list[int], positions: list[int]) -> torch.Tensor
     return k[0].transpose(0, 1)
 
 
+class _Impl:
+    """A backend whose KV write stores plain keys and values (slot-indexed)."""
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        kv_cache[0, slot_mapping] = key
+        kv_cache[1, slot_mapping] = value
+
+
+class _Layer:
+    def __init__(self, heads: int, head_dim: int, slots: int = 1024) -> None:
+        self.impl = _Impl()
+        self.kv_cache = torch.zeros(2, slots, heads, head_dim)
+
+
+def _store(params, keys: dict[str, torch.Tensor], digest=b"d"):
+    """A store with one chunk captured from ``keys`` (layer name -> [n, heads, dim]) at
+    slots 0..n-1, values ``keys + 1``, through each layer's wrapped KV write."""
+    layers = {name: _Layer(*k.shape[1:]) for name, k in keys.items()}
+    store = WorkerKVStore(params, block_size=32)
+    store.install(layers)
+    n = next(iter(keys.values())).shape[0]
+    store.begin_step([], [], [(digest, list(range(n)), 0)])
+    for name, layer in layers.items():
+        layer.impl.do_kv_cache_update(layer, keys[name], keys[name] + 1, layer.kv_cache,
+                                      torch.arange(n))
+    store.end_step()
+    return store, layers
+
+
+def _inject(store, pieces, at: int = 500):
+    n = sum(p[2] for p in pieces)
+    store.begin_step([], [(list(range(at, at + n)), pieces)], [])
+    store.end_step()
+    return slice(at, at + n)
+
+
 @pytest.mark.parametrize("delta", [1, 37, 500, -20])
-def test_rerotated_layer0_keys_match_keys_at_new_position(tiny_hf, delta):
+def test_injected_layer0_keys_match_keys_computed_at_the_new_position(tiny_hf, delta):
     params = RotaryParams.from_hf_config(tiny_hf.config)
-    tokens = torch.randint(3, 2000, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    tokens = torch.randint(3, 2000, (N,), generator=torch.Generator().manual_seed(0)).tolist()
     p0 = 100
-    at_p = _layer0_keys(tiny_hf, tokens, list(range(p0, p0 + 48)))
-    at_new = _layer0_keys(tiny_hf, tokens, list(range(p0 + delta, p0 + delta + 48)))
-    moved = rerotate(at_p, delta, params)
-    rel = (moved - at_new).norm() / at_new.norm()
-    assert rel < 1e-5, rel
+    at_p = _layer0_keys(tiny_hf, tokens, list(range(p0, p0 + N)))
+    at_new = _layer0_keys(tiny_hf, tokens, list(range(p0 + delta, p0 + delta + N)))
+    store, layers = _store(params, {"l0": at_p})
+    where = _inject(store, [(b"d", 0, N, delta)])
+    moved, values = layers["l0"].kv_cache[0, where], layers["l0"].kv_cache[1, where]
+    assert (moved - at_new).norm() / at_new.norm() < 1e-5
     # Without re-rotation the keys are far off (the test can fail).
     assert (at_p - at_new).norm() / at_new.norm() > 0.05
+    assert torch.equal(values, at_p + 1)  # values are position-free: copied as stored
 
 
-def test_rerotation_accepts_per_token_deltas(tiny_hf):
-    params = RotaryParams.from_hf_config(tiny_hf.config)
-    k = torch.randn(5, 2, params.head_dim)
-    d = torch.tensor([0, 1, 2, 3, 4])
-    out = rerotate(k, d, params)
-    for i in range(5):
-        assert torch.allclose(out[i], rerotate(k[i:i + 1], int(d[i]), params)[0], atol=1e-6)
-    assert torch.allclose(rerotate(rerotate(k, 7, params), -7, params), k, atol=1e-5)
+def test_pieces_with_their_own_deltas_match_one_piece_at_a_time():
+    params = RotaryParams(head_dim=64, theta=10000.0)
+    k = torch.randn(N, 2, 64, generator=torch.Generator().manual_seed(1))
+    store, layers = _store(params, {"l0": k})
+    cache = layers["l0"].kv_cache[0]
+    both = _inject(store, [(b"d", 0, 20, 7), (b"d", 20, 28, -3)], at=200)
+    first = _inject(store, [(b"d", 0, 20, 7)], at=300)
+    second = _inject(store, [(b"d", 20, 28, -3)], at=400)
+    assert torch.equal(cache[both], torch.cat([cache[first], cache[second]]))
+    # rope.rerotate (the kernels' torch reference) agrees with the store's path
+    assert torch.allclose(cache[both], rerotate(k, torch.tensor([7] * 20 + [-3] * 28), params),
+                          atol=1e-6)
+    # a zero delta next to a non-zero one leaves those keys bit-identical
+    mixed = _inject(store, [(b"d", 0, 10, 0), (b"d", 10, 5, 9)], at=600)
+    assert torch.equal(cache[mixed][:10], k[:10])
+    # no delta at all: the stored keys are written unchanged
+    assert torch.equal(cache[_inject(store, [(b"d", 0, N, 0)], at=700)], k)
 
 
-def test_rerotation_of_all_layers_at_once_matches_layer_by_layer(tiny_hf):
-    """The store re-rotates ``[layers, n, heads, head_dim]`` in one call."""
-    params = RotaryParams.from_hf_config(tiny_hf.config)
-    k = torch.randn(3, 6, 2, params.head_dim)
-    d = torch.tensor([5, 5, 5, -2, -2, 0])
-    out = rerotate(k, d, params)
-    for layer in range(3):
-        assert torch.equal(out[layer], rerotate(k[layer], d, params))
-    assert torch.equal(out[:, 5], k[:, 5])  # a zero delta leaves keys bit-identical
+def test_every_layer_is_rotated_and_written_through_its_own_write():
+    params = RotaryParams(head_dim=64, theta=10000.0)
+    g = torch.Generator().manual_seed(2)
+    keys = {f"l{i}": torch.randn(N, 2, 64, generator=g) for i in range(3)}
+    store, layers = _store(params, keys)
+    where = _inject(store, [(b"d", 0, N, 11)])
+    cos, sin = rotation(11, N, params)
+    for name, layer in layers.items():
+        assert torch.allclose(layer.kv_cache[0, where], rotate(keys[name], cos, sin), atol=1e-6)
+
+
+def test_rotation_by_minus_delta_undoes_delta():
+    params = RotaryParams(head_dim=64, theta=100000.0)
+    k = torch.randn(5, 2, 64)
+    d = torch.tensor([0, 1, 2, 3, 400])
+    there = rotate(k, *rotation(d, 5, params))
+    assert torch.allclose(rotate(there, *rotation(-d, 5, params)), k, atol=1e-5)
 
 
 def test_smollm2_theta_is_read_from_the_config():

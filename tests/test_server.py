@@ -77,12 +77,15 @@ def test_concurrent_completions_share_and_metrics_return_to_zero(server):
     prompts = [shared + rng.integers(3, 2000, size=10).tolist() for _ in range(6)]
 
     def complete(p):
-        return client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0)
+        return client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0,
+                                         extra_body={"ignore_eos": True})
 
     client.completions.create(model=model, prompt=prompts[0], max_tokens=2, temperature=0)
     with ThreadPoolExecutor(6) as pool:
         outs = list(pool.map(complete, prompts))
-    assert all(o.choices[0].text is not None for o in outs)
+    assert [o.usage.completion_tokens for o in outs] == [8] * 6
+    # sharing under concurrency changes no output: the same prompts one at a time
+    assert [o.choices[0].text for o in outs] == [complete(p).choices[0].text for p in prompts]
     time.sleep(1.0)
     text = requests.get(base + "/metrics", timeout=10).text
     assert _metric(text, "kvdedup_prefix_hits_total") >= 6 * 128
@@ -148,7 +151,7 @@ def test_bad_request_gets_clear_error_and_server_keeps_serving(server, prompt):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=model, prompt=prompt, max_tokens=4)
     msg = str(err.value).lower()
-    assert ("at least one prompt" in msg) if not prompt else ("maximum" in msg or "max" in msg)
+    assert ("at least one prompt" in msg) if not prompt else ("maximum" in msg)
     ok = client.completions.create(model=model, prompt=[11, 12, 13], max_tokens=4)
     assert ok.usage.completion_tokens == 4
     assert proc.poll() is None
@@ -163,4 +166,4 @@ def test_unknown_dedup_value_exits_with_clear_error():
 def test_server_stops_cleanly(server):
     _, proc, _ = server
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) is not None
+    assert proc.wait(timeout=60) == 0

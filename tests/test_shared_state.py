@@ -65,7 +65,9 @@ class Engine:
     def step(self, req, budget=4096):
         st, pool = self.state, self.pool
         st.begin_step([])
-        st.jump(req)
+        to = st.jump(req)          # the scheduler applies the jump
+        if to is not None:
+            req.num_computed_tokens = to
         n = min(budget, len(req.prompt_token_ids) - req.num_computed_tokens)
         n = st.clip(req, req.num_computed_tokens, n)
         req.num_computed_tokens += n

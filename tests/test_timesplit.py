@@ -36,3 +36,19 @@ def test_decode_aware_bound_leaves_decode_time_alone():
     (row,) = amdahl_bounds(table).to_dict("records")
     assert row["limit_1_over_1_minus_f"] == 4.0
     assert row["decode_aware_bound"] == pytest.approx(100 / (90 * 0.25 + 10), abs=1e-3)
+
+
+def test_first_measured_step_is_counted():
+    """The first step after the warm-up (often the whole prefill) keeps its duration."""
+    rows = pd.DataFrame([
+        {"step": 5, "start": 0.01, "time": 3.01, "prefill_tokens": 1994, "scheduled_tokens": 1994},
+        {"step": 6, "start": 3.02, "time": 3.52, "prefill_tokens": 1994, "scheduled_tokens": 2002},
+        {"step": 7, "start": 3.53, "time": 4.03, "prefill_tokens": 1994, "scheduled_tokens": 2010},
+    ])
+    sp = split_trace(rows)
+    assert sp["prefill_step_s"] == pytest.approx(3.0)
+    assert sp["decode_step_s"] == pytest.approx(1.0)
+    # a trace without ``start``: the first step counts from the trace's origin
+    sp = split_trace(rows.drop(columns="start"))
+    assert sp["prefill_step_s"] == pytest.approx(3.01)
+    assert sp["decode_step_s"] == pytest.approx(1.02)

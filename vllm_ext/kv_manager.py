@@ -35,7 +35,7 @@ from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 
 from dedup.ledger import BlockLedger
 
-from .hasher import tenant_key
+from .tenant import tenant_key
 from .version import check_vllm_version
 
 check_vllm_version()

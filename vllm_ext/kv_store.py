@@ -14,7 +14,8 @@ connector wraps each layer's bound method on its own instance, so
 Commands come from the scheduler in the step's connector metadata and are executed in
 order: evict, inject (in ``start_load_kv``, before the forward), capture (during the
 forward, as each layer writes). The store holds exactly the chunks the scheduler's index
-holds; it never evicts on its own.
+holds; it never evicts on its own. The vLLM names it relies on (``Attention.impl``,
+``Attention.kv_cache``, the backend's ``do_kv_cache_update``) are in ``vllm_ext.contract``.
 
 Faults never stop the engine: a capture whose tokens are not in the step is skipped
 (the chunk is then missing from the store), and an injection that needs a missing chunk
@@ -31,7 +32,9 @@ import os
 import torch
 
 from .rope import RotaryParams, rotate, rotation
+from .version import check_vllm_version
 
+check_vllm_version()
 
 logger = logging.getLogger("kvdedup")
 DEBUG = os.environ.get("KVDEDUP_DEBUG") == "1"

@@ -12,21 +12,19 @@ core process, and published four ways:
     ``vllm_ext.dedup_stats(llm)`` reads, so offline stats work whether the engine core
     runs in-process or in its own process.
 
-``DedupStatLogger`` is the ``vllm.stat_logger_plugins`` entry point: the server loads it
-for every engine; it stays silent unless kvdedup stats arrive.
+Engine-free: imports numpy only (the records, board and trace are read in processes that
+never load vLLM). The ``vllm.stat_logger_plugins`` entry point, which subclasses a vLLM
+class, is ``vllm_ext.stat_logger``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-
-logger = logging.getLogger("kvdedup")
 
 
 @dataclass
@@ -34,7 +32,8 @@ class StepStats:
     """Dedup state after one scheduler step (counters are cumulative since start)."""
 
     step: int = 0
-    time: float = 0.0                # seconds since the engine started
+    time: float = 0.0                # seconds since the engine started, at the step's end
+    start: float = 0.0               # the same clock when the step's schedule() began
     num_running: int = 0
     num_waiting: int = 0
     logical_blocks: int = 0          # sum of running requests' block-table lengths
@@ -101,7 +100,7 @@ class StatsBoard:
                 break
         out = dict(zip(FIELDS, vals))
         for k, v in out.items():
-            if k not in ("time", "dedup_ratio"):
+            if k not in ("time", "start", "dedup_ratio"):
                 out[k] = int(v)
         return out
 
@@ -129,11 +128,15 @@ class StepRecorder:
         self.board = StatsBoard(board_path, create=True) if board_path else None
         self.trace = TraceWriter(trace_path) if trace_path else None
 
+    def now(self) -> float:
+        """Seconds since the recorder (the engine) started: the clock of ``time``/``start``."""
+        return round(time.monotonic() - self.t0, 6)
+
     def record(self, s: StepStats, step_logical: int = 0, step_physical: int = 0) -> None:
-        """Publish ``s``; peaks also take the occupancy seen mid-step (after allocation,
-        before the step's finished requests freed their blocks)."""
+        """Publish ``s`` (its ``start`` set by the caller, ``time`` now); peaks also take the
+        occupancy seen mid-step (after allocation, before finished requests freed blocks)."""
         prev = self.current
-        s.time = round(time.monotonic() - self.t0, 6)
+        s.time = self.now()
         s.peak_physical_blocks = max(prev.peak_physical_blocks, s.physical_blocks, step_physical)
         s.peak_logical_blocks = max(prev.peak_logical_blocks, s.logical_blocks, step_logical)
         self.current = s
@@ -151,43 +154,12 @@ def read_board(path: str) -> dict:
     return StatsBoard(path).read()
 
 
-# ---------------------------------------------------------------- stat logger plugin
-def _stat_logger_base():
-    from vllm.v1.metrics.loggers import StatLoggerBase
+def __getattr__(name: str):
+    """``vllm_ext.metrics:DedupStatLogger`` was the stat-logger entry point before the
+    logger moved to ``vllm_ext.stat_logger``; installs made before then still name it
+    here (``pip install -e .`` refreshes the entry point)."""
+    if name == "DedupStatLogger":
+        from .stat_logger import DedupStatLogger
 
-    return StatLoggerBase
-
-
-class DedupStatLogger(_stat_logger_base()):
-    """``vllm.stat_logger_plugins`` entry point (extends vLLM 0.32's ``StatLoggerBase``).
-
-    Keeps the latest kvdedup snapshot seen in ``SchedulerStats.kv_connector_stats`` and
-    logs a one-line dedup summary at vLLM's logging interval. Inert for stock engines.
-    """
-
-    def __init__(self, vllm_config, engine_index: int = 0) -> None:
-        self.engine_index = engine_index
-        self.latest: dict | None = None
-        self._logged_step = -1
-
-    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
-        data = getattr(scheduler_stats, "kv_connector_stats", None) or {}
-        snap = data.get("kvdedup")
-        if snap:
-            self.latest = snap
-
-    def log(self) -> None:
-        s = self.latest
-        if not s or s["step"] == self._logged_step:
-            return
-        self._logged_step = s["step"]
-        hit = s["prefix_hits"] / s["prefix_queries"] if s["prefix_queries"] else 0.0
-        logger.info("kvdedup engine %d: blocks logical=%d physical=%d ratio=%.2f "
-                    "saved=%.1f MiB prefix hit=%.1f%% verified=%d collisions=%d "
-                    "sequence hits=%d borrowed tokens=%d", self.engine_index,
-                    s["logical_blocks"], s["physical_blocks"], s["dedup_ratio"],
-                    s["bytes_saved"] / 2**20, 100 * hit, s["verified_hits"], s["collisions"],
-                    s["sequence_hits"], s.get("borrowed_tokens", 0))
-
-    def log_engine_initialized(self) -> None:
-        pass
+        return DedupStatLogger
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

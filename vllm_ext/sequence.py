@@ -2,7 +2,9 @@
 
 Owned by ``DedupScheduler`` (engine-core process). The KV itself lives in the worker
 (``vllm_ext.kv_store``); this side decides everything and sends commands in the step's
-connector metadata, so worker and scheduler never disagree:
+connector metadata, so worker and scheduler never disagree. Engine-free: it imports
+neither vLLM nor torch and reads the requests it is given without writing them (the
+scheduler applies its decisions, e.g. a jump's new computed-token count).
 
 * store index: a ``DedupIndex`` of chunk digest -> ``ChunkSource`` with each chunk's KV
   size. Digests are salted with the request's tenant key (``cache_salt`` and LoRA name,
@@ -51,7 +53,7 @@ from dedup.hashing import Chunk, chunk_runs
 from dedup.index import DedupIndex
 from dedup.planner import ChunkSource, Injection, plan_injections
 
-from .hasher import tenant_key
+from .tenant import tenant_key
 
 
 @dataclass
@@ -205,15 +207,17 @@ class SequenceState:
         self.reserved += need
         return True
 
-    def jump(self, request) -> None:
-        """Before a step: a request standing at an injection stop skips to the run's end."""
+    def jump(self, request) -> int | None:
+        """Before a step: a request standing at an injection stop skips to the run's end.
+        Returns the computed-token count it jumps to (the scheduler sets it), else None."""
         p = self.plans.get(request.request_id)
         if p is None or not p.injections or p.ready is not None:
-            return
+            return None
         inj = p.injections[0]
-        if request.num_computed_tokens == inj.stop:
-            request.num_computed_tokens = inj.end
-            p.ready = p.injections.pop(0)
+        if request.num_computed_tokens != inj.stop:
+            return None
+        p.ready = p.injections.pop(0)
+        return inj.end
 
     # -- after the step is scheduled ------------------------------------------------------
     def after_schedule(self, request, num_scheduled: int, block_ids: list[int]) -> None:

@@ -13,14 +13,18 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from dedup.paths import data_root
+
 from .build import apply_arrivals, build_requests, stable_hash
 from .format import FORMAT_VERSION, WorkloadError, load_workload, meta_path, write_workload
 from .generators import GENERATORS, interleave_sessions
 from .lengths import get_distribution
 from .real import REAL_DATASETS, load_pickle_units, load_real_units
 from .sharing import summarize
-from .standins import STANDINS, data_root, load_dialogues, load_news, load_wiki, standin_units
+from .standins import STANDINS, load_dialogues, load_news, load_wiki, standin_units
 from .tokenize import load_tokenizer
+
+DEFAULT_TOKENIZER_MODEL = "smollm2"  # a vllm_ext.models name
 
 CODE_VERSION = "1"  # bump when a change alters prepared workloads (invalidates the cache)
 
@@ -117,8 +121,22 @@ def make_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def default_tokenizer_dir() -> Path:
+    """The default model's directory (SmolLM2-135M-Instruct), built on demand. The one
+    place workloads reach into ``vllm_ext``: this command, not the workload library."""
+    from vllm_ext.models import ensure_model
+
+    try:
+        return Path(ensure_model(DEFAULT_TOKENIZER_MODEL))
+    except Exception as e:  # noqa: BLE001 - report any build failure as a clear error
+        raise WorkloadError(
+            f"no --tokenizer given and building the default model failed ({e}); "
+            "pass --tokenizer DIR (a directory with tokenizer.json)") from None
+
+
 def _tokenizer_and_len(args: argparse.Namespace, need: bool = True) -> tuple[Any, int | None]:
-    tok = load_tokenizer(args.tokenizer) if (need or args.tokenizer) else None
+    tok = (load_tokenizer(args.tokenizer or default_tokenizer_dir())
+           if (need or args.tokenizer) else None)
     mml = args.max_model_len if args.max_model_len else (tok.max_model_len() if tok else None)
     return tok, mml
 

@@ -36,9 +36,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from dedup.paths import data_root
 
 from .build import RawRequest, Unit
 from .format import WorkloadError, file_sha256
@@ -73,13 +74,6 @@ PACKAGES = {
         "chatterbot-corpus==1.3.3", ("chatterbot_corpus/data/english/*.yml",), False,
         "BSD-3-Clause"),
 }
-
-
-def data_root() -> Path:
-    """``${KVDEDUP_CACHE:-~/.cache/kvdedup}/data``."""
-    from vllm_ext.models import cache_root
-
-    return cache_root() / "data"
 
 
 def _extract(archive: Path, patterns: tuple[str, ...], dest: Path) -> list[str]:
@@ -226,17 +220,6 @@ def parse_chatterbot(paths: list[Path]) -> list[tuple[str, list[str]]]:
 
 
 # ---------------------------------------------------------------- stand-in sources
-
-@dataclass
-class StandinTexts:
-    """Parsed stand-in texts (any may be empty when not needed)."""
-
-    news: list[tuple[int, str]]
-    wiki: list[WikiArticle]
-    instructions: list[tuple[int, str]]
-    dialogues: list[tuple[str, list[str]]]
-    provenance: dict[str, Any]
-
 
 def _source_info(folder: Path) -> dict:
     try:

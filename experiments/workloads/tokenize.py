@@ -2,9 +2,9 @@
 
 ``load_tokenizer(path)`` accepts any directory containing ``tokenizer.json`` (loaded
 with ``tokenizers.Tokenizer.from_file``, fast) or, failing that, anything
-``transformers.AutoTokenizer`` can load. Without a path it uses the project's
-default model, SmolLM2-135M-Instruct, via ``vllm_ext.models.ensure_model("smollm2")``
-(imported lazily, so this package works without it).
+``transformers.AutoTokenizer`` can load. The workloads command line supplies the default
+(SmolLM2-135M-Instruct, ``cli.default_tokenizer_dir``); this module imports nothing of
+kvdedup's engine side.
 
 Prompts are encoded with the tokenizer's special tokens (``add_special_tokens=True``,
 as vLLM does for a text prompt); reference outputs without them. No chat template is
@@ -65,25 +65,9 @@ class WorkloadTokenizer:
                 "tokenizer_json_sha256": self.sha256, "add_special_tokens_prompt": True}
 
 
-def default_tokenizer_dir() -> Path:
-    """The default model's directory (SmolLM2-135M-Instruct), built on demand."""
-    try:
-        from vllm_ext.models import ensure_model  # lazy: heavy, and may not exist yet
-    except ImportError as e:
-        raise WorkloadError(
-            f"no --tokenizer given and the default model is unavailable ({e}); "
-            "pass --tokenizer DIR (a directory with tokenizer.json)") from None
-    try:
-        return Path(ensure_model("smollm2"))
-    except Exception as e:  # noqa: BLE001 - report any build failure as a clear error
-        raise WorkloadError(
-            f"no --tokenizer given and building the default model failed ({e}); "
-            "pass --tokenizer DIR (a directory with tokenizer.json)") from None
-
-
-def load_tokenizer(path: str | Path | None = None) -> WorkloadTokenizer:
-    """Load the tokenizer in directory ``path`` (default: SmolLM2-135M-Instruct)."""
-    d = Path(path).expanduser() if path is not None else default_tokenizer_dir()
+def load_tokenizer(path: str | Path) -> WorkloadTokenizer:
+    """Load the tokenizer in directory (or ``tokenizer.json`` file) ``path``."""
+    d = Path(path).expanduser()
     if not d.exists():
         raise WorkloadError(f"{d}: tokenizer directory does not exist")
     tj = d / "tokenizer.json" if d.is_dir() else d
