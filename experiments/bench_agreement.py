@@ -75,17 +75,17 @@ def vllm_arrivals(n: int, rate: float, burstiness: float, seed: int) -> list[flo
         np.random.set_state(state)
 
 
-def agreement(rows: list[dict], metrics=METRICS, ref: str = REF) -> list[dict]:
+def agreement(rows: list[dict], metrics=METRICS, ref: str = REF, tol: float = 0.05) -> list[dict]:
     """Per metric and client: median/min/max over reps and the paired ratio to ``ref``
-    (same rep) as median/min/max; ``agree``: 1 lies in the ratios' range or the median
-    ratio is off 1 by no more than the reference's own relative spread over reps."""
+    (same rep) as median/min/max. ``agree``: 1 lies within the ratios' range (no
+    consistent direction) or the median ratio is within ``tol`` of 1. ``ref_spread``:
+    (max - min) / median of ``ref`` over reps (context: reps differ in arrival seed too)."""
     by = {(r["client"], r["rep"]): r for r in rows}
     clients = [c for c in CLIENTS if any(k[0] == c for k in by)]
     out = []
     for m in metrics:
         ref_vals = [r[m] for r in rows if r["client"] == ref and r.get(m) is not None]
-        noise = (max(ref_vals) - min(ref_vals)) / statistics.median(ref_vals) \
-            if ref_vals and statistics.median(ref_vals) else None
+        mid = statistics.median(ref_vals) if ref_vals else None
         for c in clients:
             vals = [r[m] for r in rows if r["client"] == c and r.get(m) is not None]
             ratios = [by[(c, rep)][m] / by[(ref, rep)][m] for (cc, rep) in sorted(by)
@@ -96,10 +96,10 @@ def agreement(rows: list[dict], metrics=METRICS, ref: str = REF) -> list[dict]:
                    "min": min(vals, default=None), "max": max(vals, default=None),
                    "ratio_median": statistics.median(ratios) if ratios else None,
                    "ratio_min": min(ratios, default=None), "ratio_max": max(ratios, default=None),
-                   "ref_spread": noise}
+                   "ref_spread": (max(ref_vals) - min(ref_vals)) / mid if mid else None}
             if ratios and c != ref:
-                row["agree"] = (min(ratios) <= 1.0 <= max(ratios)) or \
-                    (noise is not None and abs(row["ratio_median"] - 1.0) <= noise)
+                row["agree"] = bool(min(ratios) <= 1.0 <= max(ratios)
+                                    or abs(row["ratio_median"] - 1.0) <= tol)
             out.append(row)
     return out
 
@@ -282,6 +282,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="rep i uses arrival seed seed + i")
     ap.add_argument("--clients", nargs="+", default=["kvdedup", REF], choices=CLIENTS,
                     help=f"clients to compare ({REF} is the reference and is always run)")
+    ap.add_argument("--tolerance", type=float, default=0.05, help="'ok' when the paired "
+                    "ratios straddle 1 or their median is within this of 1")
     ap.add_argument("--quick", action="store_true", help="8 prompts at 0.5 req/s, 2 reps "
                     "(a smoke test: too few reps for a spread)")
     return ap
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, WorkloadError, BenchError, ServerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = agreement(rows)
+    table = agreement(rows, tol=args.tolerance)
     write(args.out, rows, table, prov)
     print(f"\n{prov['reps']} paired reps, {prov['num_prompts']} prompts of {prov['use_case']} "
           f"at {prov['request_rate']} req/s, arm {prov['arm']}, one server; machine load in "

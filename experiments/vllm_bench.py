@@ -144,7 +144,9 @@ def server_model(base_url: str) -> tuple[str, str]:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m experiments vllm-bench",
-                                 description=__doc__.split("\n\n")[0])
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description=__doc__.split("\n\n")[1] + "\n\nSee "
+                                 "experiments/vllm_bench.py for what each command guarantees.")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     c = sub.add_parser("convert", help="write a workload as vLLM's custom JSONL dataset")
     c.add_argument("workload", help="kvdedup workload JSONL")
