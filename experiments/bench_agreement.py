@@ -2,7 +2,7 @@
 
     python -m experiments.bench_agreement --out results/bench-agreement [--reps 3] [--quick]
 
-One server, one workload, the same traffic sent by each client in turn, ``--reps`` times:
+One server, one workload, the same traffic from every client, ``--reps`` times:
 
 * server: one ``kvdedup serve`` (:func:`experiments.online.server_command`) for ``--arm``
   of ``--config`` (default ``vllm``: prefix caching off, so a run leaves no cached state
@@ -11,11 +11,13 @@ One server, one workload, the same traffic sent by each client in turn, ``--reps
 * clients: ``kvdedup`` (``online.run_client`` + ``compute_metrics``, what online runs
   report), ``vllm-bench`` (vLLM's benchmark, unchanged, on the workload converted by
   :mod:`experiments.vllm_bench`), optionally ``vllm-func`` (kvdedup's client with vLLM's
-  request function). The order rotates by one every rep.
+  request function);
 * same traffic: rep ``i`` uses vLLM's own arrival times for seed ``seed + i`` (its
   ``get_request``, replayed on a virtual clock by :func:`vllm_arrivals`) for every client;
   the prompts are the same token ids (the conversion checks the round trip; vLLM's
-  per-request ``usage`` prompt and output token counts are checked against the workload).
+  per-request ``usage`` prompt and output token counts are checked against the workload);
+* order: each client alone on the server in turn, the order rotating by one every rep,
+  as a user would run either.
 
 Output in ``--out``: ``runs.csv`` (a row per client and rep), ``agreement.csv`` and
 ``agreement.json`` (per metric and client: median and min-max over reps, and the paired
@@ -39,10 +41,10 @@ import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 REF = "vllm-bench"
 CLIENTS = ("kvdedup", "vllm-bench", "vllm-func")
+FUNCS = {"kvdedup": "kvdedup", "vllm-func": "vllm"}   # client -> online.run_client request_func
 METRICS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "request_throughput",
            "mean_ttft_ms", "median_itl_ms", "median_e2el_ms", "output_throughput")
 HEADLINE = METRICS[:4]
@@ -137,25 +139,17 @@ def _reset_cache(base_url: str) -> None:
             raise RuntimeError(f"/reset_prefix_cache answered {r.status}")
 
 
-def _run_kvdedup(ctx, rep: int, arrivals, request_func: str) -> dict:
-    from experiments.online import compute_metrics, run_client
+def _kv_metrics(ctx, res, dur) -> dict:
+    from experiments.online import compute_metrics
 
-    res, dur = run_client(ctx.base_url, ctx.prompts, ctx.max_tokens, arrivals, ctx.timeout_s,
-                          request_func=request_func)
     m = compute_metrics(res, dur, ctx.slo_s)
     m["tokens_match"] = all(r.output_tokens == mt for r, mt in zip(res, ctx.max_tokens))
     return m
 
 
-def _run_vllm(ctx, rep: int, arrivals) -> dict:
-    from experiments.vllm_bench import bench_argv, run_bench
-
-    d = ctx.out / "vllm"
-    d.mkdir(parents=True, exist_ok=True)
-    argv = bench_argv(ctx.base_url, ctx.dataset, len(ctx.prompts), ctx.rate, ctx.burstiness,
-                      ctx.seed + rep, d, f"rep{rep}.json")
-    with open(d / f"rep{rep}.log", "w") as log, contextlib.redirect_stdout(log):
-        m = run_bench(argv)
+def _vllm_checks(m: dict, ctx, arrivals) -> dict:
+    """Add ``schedule_dev_ms`` (vLLM's actual send offsets vs ``arrivals``) and
+    ``tokens_match`` (its per-request usage counts vs the workload's)."""
     starts = m.get("start_times") or []
     if len(starts) == len(arrivals):
         m["schedule_dev_ms"] = 1e3 * max(abs((s - starts[0]) - (a - arrivals[0]))
@@ -163,6 +157,38 @@ def _run_vllm(ctx, rep: int, arrivals) -> dict:
     m["tokens_match"] = (m.get("input_lens") == [len(p) for p in ctx.prompts]
                          and m.get("output_lens") == list(ctx.max_tokens))
     return m
+
+
+def _run_one(ctx, rep: int, arrivals, client: str) -> dict:
+    """One client alone on the server: its metrics (plus the checks) for rep ``rep``."""
+    from experiments.online import run_client
+
+    if client != REF:
+        res, dur = run_client(ctx.base_url, ctx.prompts, ctx.max_tokens, arrivals, ctx.timeout_s,
+                              request_func=FUNCS[client])
+        return _kv_metrics(ctx, res, dur)
+    from experiments.vllm_bench import bench_argv, run_bench
+
+    d = ctx.out / "vllm"
+    d.mkdir(parents=True, exist_ok=True)
+    argv = bench_argv(ctx.base_url, ctx.dataset, len(ctx.prompts), ctx.rate, ctx.burstiness,
+                      ctx.seed + rep, d, f"rep{rep}.json")
+    with open(d / f"rep{rep}.log", "w") as log, contextlib.redirect_stdout(log):
+        return _vllm_checks(run_bench(argv), ctx, arrivals)
+
+
+def _row(client: str, rep: int, seed: int, m: dict, load0: float, t0: float) -> dict:
+    row = {"client": client, "rep": rep, "seed": seed,
+           "completed": m["completed"], "failed": m["failed"],
+           "duration_s": _num(m.get("duration_s", m.get("duration"))),
+           **{k: _num(m.get(k)) for k in METRICS}, "tokens_match": bool(m["tokens_match"]),
+           "schedule_dev_ms": _num(m.get("schedule_dev_ms")),
+           "loadavg_1m": f"{load0:.2f}->{os.getloadavg()[0]:.2f}",
+           "wall_s": round(time.time() - t0, 1)}
+    print(f"rep {rep} {client:<10} ok {row['completed']}/{row['completed'] + row['failed']}  "
+          + "  ".join(f"{k} {row[k]:.4g}" for k in HEADLINE if row[k] is not None)
+          + f"  load {row['loadavg_1m']}", flush=True)
+    return row
 
 
 def run(args) -> tuple[list[dict], dict]:
@@ -205,26 +231,15 @@ def run(args) -> tuple[list[dict], dict]:
         run_client(srv.base_url, [], [], [], ctx.timeout_s,
                    warmup=warmup_prompts(reqs, 2) + [ctx.prompts[0]])
         for rep in range(args.reps):
-            arrivals = vllm_arrivals(len(reqs), args.rate, args.burstiness, args.seed + rep)
-            order = args.clients[rep % len(args.clients):] + args.clients[:rep % len(args.clients)]
-            for client in order:
+            seed = args.seed + rep
+            arrivals = vllm_arrivals(len(reqs), args.rate, args.burstiness, seed)
+            k = rep % len(args.clients)
+            for client in args.clients[k:] + args.clients[:k]:
                 if caching:
                     _reset_cache(srv.base_url)
                 load0, t0 = os.getloadavg()[0], time.time()
-                m = (_run_vllm(ctx, rep, arrivals) if client == REF else
-                     _run_kvdedup(ctx, rep, arrivals, "vllm" if client == "vllm-func" else "kvdedup"))
-                row = {"client": client, "rep": rep, "seed": args.seed + rep,
-                       "completed": m["completed"], "failed": m["failed"],
-                       "duration_s": _num(m.get("duration_s", m.get("duration"))),
-                       **{k: _num(m.get(k)) for k in METRICS},
-                       "tokens_match": bool(m["tokens_match"]),
-                       "schedule_dev_ms": _num(m.get("schedule_dev_ms")),
-                       "loadavg_1m": f"{load0:.2f}->{os.getloadavg()[0]:.2f}",
-                       "wall_s": round(time.time() - t0, 1)}
-                rows.append(row)
-                print(f"rep {rep} {client:<10} ok {row['completed']}/{len(reqs)}  " + "  ".join(
-                    f"{k} {row[k]:.4g}" for k in HEADLINE if row[k] is not None)
-                    + f"  load {row['loadavg_1m']}", flush=True)
+                m = _run_one(ctx, rep, arrivals, client)
+                rows.append(_row(client, rep, seed, m, load0, t0))
     finally:
         alive = srv.proc.poll() is None
         stop_server(srv)
@@ -234,9 +249,9 @@ def run(args) -> tuple[list[dict], dict]:
             or cfg.workloads[0].use_case, "workload": str(wl.path), "arm": args.arm,
             "num_blocks": args.num_blocks or cfg.num_blocks[0], "num_prompts": len(reqs),
             "request_rate": args.rate, "burstiness": args.burstiness, "seed": args.seed,
-            "reps": args.reps, "clients": args.clients, "server_alive_at_end": alive,
-            "cpus": os.cpu_count(), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                   time.gmtime())}
+            "reps": args.reps, "clients": args.clients,
+            "server_alive_at_end": alive, "cpus": os.cpu_count(),
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return rows, prov
 
 
@@ -275,8 +290,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--use-case", help="workload of the config (default: its first)")
     ap.add_argument("--arm", default="vllm", help="server arm (vllm, vllm-apc, prefix)")
     ap.add_argument("--num-blocks", type=int, help="KV capacity (default: the config's first)")
-    ap.add_argument("--num-prompts", type=int, default=16, help="first N workload requests")
-    ap.add_argument("--rate", type=float, default=0.25, help="req/s (inf: all at once)")
+    ap.add_argument("--num-prompts", type=int, default=12, help="first N workload requests")
+    ap.add_argument("--rate", type=float, default=0.2, help="req/s (inf: all at once)")
     ap.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
     ap.add_argument("--reps", type=int, default=3, help="paired repetitions (>= 3 for a spread)")
     ap.add_argument("--seed", type=int, default=0, help="rep i uses arrival seed seed + i")
@@ -311,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     table = agreement(rows, tol=args.tolerance)
     write(args.out, rows, table, prov)
     print(f"\n{prov['reps']} paired reps, {prov['num_prompts']} prompts of {prov['use_case']} "
-          f"at {prov['request_rate']} req/s, arm {prov['arm']}, one server; machine load in "
-          f"runs.csv (loadavg_1m)\n" + format_table(table))
+          f"at {prov['request_rate']} req/s, arm {prov['arm']}, one server, same arrivals per "
+          f"rep; machine load per run in runs.csv (loadavg_1m, {os.cpu_count()} CPUs)\n"
+          + format_table(table))
     bad = [r for r in rows if r["failed"] or not r["tokens_match"]]
     if bad:
         print(f"warning: {len(bad)} runs had failed requests or token counts other than the "
