@@ -290,10 +290,10 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--use-case", help="workload of the config (default: its first)")
     ap.add_argument("--arm", default="vllm", help="server arm (vllm, vllm-apc, prefix)")
     ap.add_argument("--num-blocks", type=int, help="KV capacity (default: the config's first)")
-    ap.add_argument("--num-prompts", type=int, default=12, help="first N workload requests")
+    ap.add_argument("--num-prompts", type=int, default=10, help="first N workload requests")
     ap.add_argument("--rate", type=float, default=0.2, help="req/s (inf: all at once)")
     ap.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
-    ap.add_argument("--reps", type=int, default=3, help="paired repetitions (>= 3 for a spread)")
+    ap.add_argument("--reps", type=int, default=4, help="paired repetitions (>= 3 for a spread)")
     ap.add_argument("--seed", type=int, default=0, help="rep i uses arrival seed seed + i")
     ap.add_argument("--clients", nargs="+", default=["kvdedup", REF], choices=CLIENTS,
                     help=f"clients to compare ({REF} is the reference and is always run)")
