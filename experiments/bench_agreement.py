@@ -10,8 +10,9 @@ One server, one workload, the same traffic from every client, ``--reps`` times:
 * workload: the first ``--num-prompts`` requests of the config's use case, in order;
 * clients: ``kvdedup`` (``online.run_client`` + ``compute_metrics``, what online runs
   report), ``vllm-bench`` (vLLM's benchmark, unchanged, on the workload converted by
-  :mod:`experiments.vllm_bench`), optionally ``vllm-func`` (kvdedup's client with vLLM's
-  request function);
+  :mod:`experiments.vllm_bench`), ``vllm-bench-2`` (vLLM's benchmark again: the A/A
+  noise reference, its ratio to ``vllm-bench`` is run-to-run noise), optionally
+  ``vllm-func`` (kvdedup's client with vLLM's request function);
 * same traffic: rep ``i`` uses vLLM's own arrival times for seed ``seed + i`` (its
   ``get_request``, replayed on a virtual clock by :func:`vllm_arrivals`) for every client;
   the prompts are the same token ids (the conversion checks the round trip; vLLM's
@@ -43,10 +44,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REF = "vllm-bench"
-CLIENTS = ("kvdedup", "vllm-bench", "vllm-func")
+AA = "vllm-bench-2"   # vLLM's benchmark again: its ratio to REF is run-to-run noise (A/A)
+CLIENTS = ("kvdedup", "vllm-func", REF, AA)
 FUNCS = {"kvdedup": "kvdedup", "vllm-func": "vllm"}   # client -> online.run_client request_func
 METRICS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "request_throughput",
-           "mean_ttft_ms", "median_itl_ms", "median_e2el_ms", "output_throughput")
+           "mean_ttft_ms", "p90_ttft_ms", "median_itl_ms", "median_e2el_ms", "output_throughput")
 HEADLINE = METRICS[:4]
 
 
@@ -79,29 +81,33 @@ def vllm_arrivals(n: int, rate: float, burstiness: float, seed: int) -> list[flo
 
 def agreement(rows: list[dict], metrics=METRICS, ref: str = REF, tol: float = 0.05) -> list[dict]:
     """Per metric and client: median/min/max over reps and the paired ratio to ``ref``
-    (same rep) as median/min/max. ``agree``: 1 lies within the ratios' range (no
-    consistent direction) or the median ratio is within ``tol`` of 1. ``ref_spread``:
-    (max - min) / median of ``ref`` over reps (context: reps differ in arrival seed too)."""
+    (same rep) as median/min/max. ``agree`` (clients other than ``ref``): the ratios
+    straddle 1, or their median is within ``tol`` of 1, or (with an ``AA`` client) within
+    the range of the A/A ratios ``AA / ref``, i.e. within run-to-run noise."""
     by = {(r["client"], r["rep"]): r for r in rows}
     clients = [c for c in CLIENTS if any(k[0] == c for k in by)]
     out = []
     for m in metrics:
-        ref_vals = [r[m] for r in rows if r["client"] == ref and r.get(m) is not None]
-        mid = statistics.median(ref_vals) if ref_vals else None
+        cells = {}
         for c in clients:
             vals = [r[m] for r in rows if r["client"] == c and r.get(m) is not None]
             ratios = [by[(c, rep)][m] / by[(ref, rep)][m] for (cc, rep) in sorted(by)
                       if cc == c and (ref, rep) in by and by[(c, rep)].get(m) is not None
                       and by[(ref, rep)].get(m)]
-            row = {"metric": m, "client": c, "reps": len(vals),
-                   "median": statistics.median(vals) if vals else None,
-                   "min": min(vals, default=None), "max": max(vals, default=None),
-                   "ratio_median": statistics.median(ratios) if ratios else None,
-                   "ratio_min": min(ratios, default=None), "ratio_max": max(ratios, default=None),
-                   "ref_spread": (max(ref_vals) - min(ref_vals)) / mid if mid else None}
-            if ratios and c != ref:
-                row["agree"] = bool(min(ratios) <= 1.0 <= max(ratios)
-                                    or abs(row["ratio_median"] - 1.0) <= tol)
+            cells[c] = {"metric": m, "client": c, "reps": len(vals),
+                        "median": statistics.median(vals) if vals else None,
+                        "min": min(vals, default=None), "max": max(vals, default=None),
+                        "ratio_median": statistics.median(ratios) if ratios else None,
+                        "ratio_min": min(ratios, default=None),
+                        "ratio_max": max(ratios, default=None)}
+        aa = cells.get(AA, {})
+        for c, row in cells.items():
+            if c != ref and row["ratio_median"] is not None:
+                med = row["ratio_median"]
+                row["agree"] = bool(row["ratio_min"] <= 1.0 <= row["ratio_max"]
+                                    or abs(med - 1.0) <= tol
+                                    or (aa.get("ratio_min") is not None
+                                        and aa["ratio_min"] <= med <= aa["ratio_max"]))
             out.append(row)
     return out
 
@@ -125,7 +131,8 @@ def format_table(table: list[dict], ref: str = REF) -> str:
             if c != ref:
                 r = cells[c]
                 txt = (f"{f(r['ratio_median'], '.3f')} [{f(r['ratio_min'], '.3f')}-"
-                       f"{f(r['ratio_max'], '.3f')}] {'ok' if r.get('agree') else 'DIFF'}")
+                       f"{f(r['ratio_max'], '.3f')}] "
+                       f"{'A/A' if c == AA else 'ok' if r.get('agree') else 'DIFF'}")
                 line += f"{txt:>34}"
         lines.append(line)
     return "\n".join(lines)
@@ -163,7 +170,7 @@ def _run_one(ctx, rep: int, arrivals, client: str) -> dict:
     """One client alone on the server: its metrics (plus the checks) for rep ``rep``."""
     from experiments.online import run_client
 
-    if client != REF:
+    if client not in (REF, AA):
         res, dur = run_client(ctx.base_url, ctx.prompts, ctx.max_tokens, arrivals, ctx.timeout_s,
                               request_func=FUNCS[client])
         return _kv_metrics(ctx, res, dur)
@@ -172,8 +179,8 @@ def _run_one(ctx, rep: int, arrivals, client: str) -> dict:
     d = ctx.out / "vllm"
     d.mkdir(parents=True, exist_ok=True)
     argv = bench_argv(ctx.base_url, ctx.dataset, len(ctx.prompts), ctx.rate, ctx.burstiness,
-                      ctx.seed + rep, d, f"rep{rep}.json")
-    with open(d / f"rep{rep}.log", "w") as log, contextlib.redirect_stdout(log):
+                      ctx.seed + rep, d, f"rep{rep}-{client}.json")
+    with open(d / f"rep{rep}-{client}.log", "w") as log, contextlib.redirect_stdout(log):
         return _vllm_checks(run_bench(argv), ctx, arrivals)
 
 
@@ -293,10 +300,12 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-prompts", type=int, default=10, help="first N workload requests")
     ap.add_argument("--rate", type=float, default=0.2, help="req/s (inf: all at once)")
     ap.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
-    ap.add_argument("--reps", type=int, default=4, help="paired repetitions (>= 3 for a spread)")
+    ap.add_argument("--reps", type=int, default=3, help="paired repetitions (>= 3 for a spread)")
     ap.add_argument("--seed", type=int, default=0, help="rep i uses arrival seed seed + i")
-    ap.add_argument("--clients", nargs="+", default=["kvdedup", REF], choices=CLIENTS,
-                    help=f"clients to compare ({REF} is the reference and is always run)")
+    ap.add_argument("--clients", nargs="+", default=["kvdedup", REF, AA], choices=CLIENTS,
+                    help=f"clients to compare ({REF} is the reference and is always run; "
+                    f"{AA} runs it again, as the A/A noise reference; vllm-func is kvdedup's "
+                    f"client with vLLM's request function)")
     ap.add_argument("--tolerance", type=float, default=0.05, help="'ok' when the paired "
                     "ratios straddle 1 or their median is within this of 1")
     ap.add_argument("--quick", action="store_true", help="8 prompts at 0.5 req/s, 2 reps "

@@ -165,56 +165,23 @@ def test_both_request_functions_give_the_same_records():
 def test_agreement_pairs_ratios_by_rep():
     from experiments.bench_agreement import agreement, format_table
 
-    rows = [{"client": c, "rep": rep, "median_ttft_ms": v}
-            for c, vals in (("vllm-bench", [100, 200, 400]), ("kvdedup", [110, 180, 400]),
-                            ("vllm-func", [150, 300, 600]))
-            for rep, v in enumerate(vals)]
+    def rows_of(**clients):
+        return [{"client": c.replace("_", "-"), "rep": rep, "median_ttft_ms": v}
+                for c, vals in clients.items() for rep, v in enumerate(vals)]
+
+    rows = rows_of(vllm_bench=[100, 200, 400], kvdedup=[110, 180, 400], vllm_func=[150, 300, 600])
     t = {r["client"]: r for r in agreement(rows, metrics=("median_ttft_ms",))}
     k = t["kvdedup"]
     assert (k["reps"], k["median"], k["min"], k["max"]) == (3, 180, 110, 400)
     assert (k["ratio_min"], k["ratio_median"], k["ratio_max"]) == pytest.approx((0.9, 1.0, 1.1))
-    assert k["agree"] and t["vllm-bench"]["ratio_median"] == 1.0
-    assert t["vllm-bench"]["ref_spread"] == pytest.approx((400 - 100) / 200)
+    assert k["agree"] and t["vllm-bench"]["ratio_median"] == 1.0 and "agree" not in t["vllm-bench"]
     f = t["vllm-func"]                    # 1.5x every rep: a consistent difference
     assert f["ratio_min"] == f["ratio_max"] == 1.5 and not f["agree"]
-    shifted = [r for r in rows if r["client"] == "vllm-bench"] + [
-        {"client": "kvdedup", "rep": i, "median_ttft_ms": v * 1.03} for i, v in enumerate([100, 200, 400])]
+    shifted = rows_of(vllm_bench=[100, 200, 400], kvdedup=[103, 206, 412])
     assert agreement(shifted, metrics=("median_ttft_ms",), tol=0.05)[0]["agree"]      # within tol
     assert not agreement(shifted, metrics=("median_ttft_ms",), tol=0.01)[0]["agree"]  # consistent 3%
+    # ... unless vLLM's benchmark against itself (A/A) varies that much from run to run
+    aa = shifted + rows_of(vllm_bench_2=[90, 210, 440])
+    assert agreement(aa, metrics=("median_ttft_ms",), tol=0.01)[0]["agree"]
     table = format_table(list(t.values()))
     assert "1.000 [0.900-1.100] ok" in table and "1.500 [1.500-1.500] DIFF" in table
-
-
-@pytest.mark.server
-def test_vllm_bench_run_against_kvdedup_serve(tmp_path, tok, tiny_model, engines):
-    """`experiments vllm-bench run`: vLLM's benchmark, unchanged, on a converted workload
-    against `kvdedup serve tiny`; vLLM's per-request token counts are the workload's, and
-    kvdedup's client (either request function) gets the same output counts."""
-    from experiments.__main__ import main
-    from experiments.online import (SERVED_MODEL_NAME, free_port, run_client, start_server,
-                                    stop_server)
-    from vllm_ext.cli import serve_command
-
-    engines.close()  # one engine at a time on this machine
-    wl, reqs = _workload(tmp_path, tok, tiny_model)
-    port = free_port()
-    cmd = serve_command("tiny", "prefix", None, ["--port", str(port), "--max-model-len", "512",
-                                                 "--served-model-name", SERVED_MODEL_NAME,
-                                                 "--num-gpu-blocks-override", "64",
-                                                 "--enforce-eager"])
-    srv = start_server(cmd, port, tmp_path / "server.log", timeout_s=300)
-    try:
-        assert main(["vllm-bench", "run", str(wl), "--base-url", srv.base_url, "--result-dir",
-                     str(tmp_path / "res"), "--request-rate", "4"]) == 0
-        ids = [r.prompt_token_ids for r in reqs]
-        outs = [r.output_len for r in reqs]
-        recs = {f: run_client(srv.base_url, ids, outs,
-                              [0.0] * 4, 120, request_func=f)[0] for f in ("kvdedup", "vllm")}
-    finally:
-        stop_server(srv)
-    (res_file,) = [p for p in (tmp_path / "res").glob("*.json") if not p.name.endswith("meta.json")]
-    res = json.loads(res_file.read_text())
-    assert (res["completed"], res["failed"]) == (4, 0)
-    assert res["input_lens"] == [len(i) for i in ids] and res["output_lens"] == outs
-    for f, rs in recs.items():
-        assert [r.output_tokens for r in rs] == outs and all(r.success for r in rs), f
