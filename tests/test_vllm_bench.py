@@ -185,3 +185,38 @@ def test_agreement_pairs_ratios_by_rep():
     assert agreement(aa, metrics=("median_ttft_ms",), tol=0.01)[0]["agree"]
     table = format_table(list(t.values()))
     assert "1.000 [0.900-1.100] ok" in table and "1.500 [1.500-1.500] DIFF" in table
+
+
+@pytest.mark.server
+def test_vllm_bench_run_against_kvdedup_serve(tmp_path, tok, tiny_model, engines):
+    """`experiments vllm-bench run`: vLLM's benchmark, unchanged, on a converted workload
+    against `kvdedup serve tiny`; vLLM's per-request token counts are the workload's, and
+    kvdedup's client (either request function) gets the same output counts."""
+    from experiments.__main__ import main
+    from experiments.online import (SERVED_MODEL_NAME, free_port, run_client, start_server,
+                                    stop_server)
+    from vllm_ext.cli import serve_command
+
+    engines.close()  # one engine at a time on this machine
+    wl, reqs = _workload(tmp_path, tok, tiny_model)
+    port = free_port()
+    cmd = serve_command("tiny", "prefix", None, ["--port", str(port), "--max-model-len", "512",
+                                                 "--served-model-name", SERVED_MODEL_NAME,
+                                                 "--num-gpu-blocks-override", "64",
+                                                 "--enforce-eager"])
+    srv = start_server(cmd, port, tmp_path / "server.log", timeout_s=300)
+    try:
+        assert main(["vllm-bench", "run", str(wl), "--base-url", srv.base_url, "--result-dir",
+                     str(tmp_path / "res"), "--request-rate", "4"]) == 0
+        ids = [r.prompt_token_ids for r in reqs]
+        outs = [r.output_len for r in reqs]
+        recs = {f: run_client(srv.base_url, ids, outs,
+                              [0.0] * 4, 120, request_func=f)[0] for f in ("kvdedup", "vllm")}
+    finally:
+        stop_server(srv)
+    (res_file,) = [p for p in (tmp_path / "res").glob("*.json") if not p.name.endswith("meta.json")]
+    res = json.loads(res_file.read_text())
+    assert (res["completed"], res["failed"]) == (4, 0)
+    assert res["input_lens"] == [len(i) for i in ids] and res["output_lens"] == outs
+    for f, rs in recs.items():
+        assert [r.output_tokens for r in rs] == outs and all(r.success for r in rs), f
