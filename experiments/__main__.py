@@ -4,6 +4,8 @@
                                      [--reps N] [--dry-run]
     python -m experiments summarize OUT      # rebuild runs.parquet + summary.json, print the table
     python -m experiments list               # the configs under experiments/configs/
+    python -m experiments vllm-bench {convert,run,serve} ...   # vLLM's own serving benchmark
+                                             # on a workload (see experiments/vllm_bench.py)
 
 CONFIG is a YAML path or a name under experiments/configs/ (``quick``). Bad input
 (unknown arm, missing workload, too-small capacity, bad config, server that does not
@@ -42,10 +44,18 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summarize", help="rebuild runs.parquet and summary.json of OUT")
     s.add_argument("out", type=Path)
     sub.add_parser("list", help="list the configs")
+    sub.add_parser("vllm-bench", add_help=False,
+                   help="vLLM's `vllm bench serve` on a workload (convert/run/serve; "
+                        "`vllm-bench --help`)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["vllm-bench"]:
+        from experiments import vllm_bench
+
+        return vllm_bench.main(argv[1:])
     args = make_parser().parse_args(argv)
     from experiments import runner
 

@@ -8,7 +8,8 @@ streaming client with Poisson (or gamma-burst) arrivals.
 * Client: ``/v1/completions`` with token-id prompts, ``stream=True``, ``max_tokens`` = the
   reference output length, ``ignore_eos`` (vLLM extra body), temperature 0. Per request:
   TTFT (first streamed chunk), ITLs (between chunks), E2E, output tokens (from the final
-  ``usage`` chunk). A request fails on an HTTP error, a broken stream or its timeout; the
+  ``usage`` chunk). ``run_client(request_func="vllm")`` sends the same payload through
+  vLLM's benchmark request function instead (``experiments.bench_agreement`` compares them). A request fails on an HTTP error, a broken stream or its timeout; the
   client never waits longer than the last arrival + ``request_timeout_s``.
 * Arrivals: inter-arrival gaps ~ Gamma(shape=burstiness, mean=1/rate) (burstiness 1 =
   Poisson), drawn for ``duration_s`` seconds (at most ``max_requests``), seeded so every
@@ -214,12 +215,38 @@ async def _one(session, url: str, payload: dict, res: RequestResult, timeout_s: 
         res.error = f"{type(e).__name__}: {e}"[:300]
 
 
+async def _one_vllm(session, url: str, payload: dict, res: RequestResult,
+                    timeout_s: float) -> None:
+    """The same request through vLLM's benchmark request function
+    (``vllm.benchmarks.lib.endpoint_request_func.async_request_openai_completions``)."""
+    from vllm.benchmarks.lib.endpoint_request_func import (RequestFuncInput,
+                                                            async_request_openai_completions)
+
+    inp = RequestFuncInput(prompt=payload["prompt"], api_url=url,
+                           prompt_len=len(payload["prompt"]), output_len=payload["max_tokens"],
+                           model=payload["model"], ignore_eos=payload["ignore_eos"],
+                           extra_body={"temperature": payload["temperature"]})
+    try:
+        out = await asyncio.wait_for(async_request_openai_completions(inp, session), timeout_s)
+    except asyncio.TimeoutError:
+        res.error = f"timed out after {timeout_s:.0f} s"
+        return
+    res.success, res.error = out.success, (out.error or "")[:300]
+    res.ttft_s, res.itls_s, res.e2e_s = out.ttft, list(out.itl), out.latency
+    res.output_tokens = int(out.output_tokens or len(out.itl) + 1)
+
+
+REQUEST_FUNCS = {"kvdedup": _one, "vllm": _one_vllm}
+
+
 async def _run_client(base_url: str, prompts: Sequence[list[int]], max_tokens: Sequence[int],
                       arrivals: Sequence[float], timeout_s: float,
-                      warmup: Sequence[list[int]] = ()) -> tuple[list[RequestResult], float]:
+                      warmup: Sequence[list[int]] = (),
+                      request_func: str = "kvdedup") -> tuple[list[RequestResult], float]:
     import aiohttp
 
     url = base_url + "/v1/completions"
+    one = REQUEST_FUNCS[request_func]
 
     def payload(p, m):
         return {"model": SERVED_MODEL_NAME, "prompt": list(p), "max_tokens": int(m),
@@ -239,16 +266,19 @@ async def _run_client(base_url: str, prompts: Sequence[list[int]], max_tokens: S
             if delay > 0:
                 await asyncio.sleep(delay)
             res.send_time = at
-            tasks.append(asyncio.create_task(_one(session, url, payload(p, m), res, timeout_s)))
+            tasks.append(asyncio.create_task(one(session, url, payload(p, m), res, timeout_s)))
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
     return results, duration
 
 
 def run_client(base_url: str, prompts, max_tokens, arrivals, timeout_s: float = 300.0,
-               warmup=()) -> tuple[list[RequestResult], float]:
-    """Send the requests at their arrival times; return (results, benchmark duration s)."""
-    return asyncio.run(_run_client(base_url, prompts, max_tokens, arrivals, timeout_s, warmup))
+               warmup=(), request_func: str = "kvdedup") -> tuple[list[RequestResult], float]:
+    """Send the requests at their arrival times; return (results, benchmark duration s).
+    ``request_func``: ``kvdedup`` (:func:`_one`) or ``vllm`` (vLLM's benchmark request
+    function, same payload; same per-request records either way)."""
+    return asyncio.run(_run_client(base_url, prompts, max_tokens, arrivals, timeout_s, warmup,
+                                   request_func))
 
 
 def _pcts(vals_ms: list[float], name: str) -> dict:
