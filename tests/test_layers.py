@@ -16,6 +16,10 @@ VLLM_OUTSIDE_VLLM_EXT = {
     "experiments/sequence_quality.py": "reworked on its own branch (quality metrics)",
     "experiments/kernel_bench.py": "times kvdedup's attention kernel against vLLM's CPU "
                                    "kernel (benchmark only)",
+    "experiments/vllm_bench.py": "runs vLLM's own serving benchmark (vllm.benchmarks)",
+    "experiments/bench_agreement.py": "compares kvdedup's client with vllm.benchmarks",
+    "experiments/online.py": "optionally sends requests with vLLM's benchmark request "
+                             "function (request_func='vllm', imported lazily)",
 }
 ENGINE_FREE = (
     "dedup", "dedup.hashing", "dedup.index", "dedup.planner", "dedup.ledger", "dedup.paths",

@@ -1,29 +1,32 @@
 """The block pool of shared mode (vLLM 0.32): it reports reuse and orders eviction.
 
-Extends ``vllm.v1.core.block_pool.BlockPool`` (installed on the pool vLLM built by
-switching its class, so every constructor argument stays vLLM's):
+Extends ``vllm.v1.core.block_pool.BlockPool.get_new_blocks`` (installed on the pool vLLM
+built by switching its class, so every constructor argument stays vLLM's):
 
-* ``get_new_blocks``: after vLLM hands blocks out (evicting their prefix-cache hashes),
+* with ``protected`` set (``eviction="frequency"``), before vLLM pops ``n`` blocks from
+  the front of its free queue, the first ``n`` free blocks that hold no recurring chunk
+  are moved to the front, so blocks of content seen in two or more prompts are reused
+  only once no other free block is left. Among themselves both kinds keep vLLM's order
+  (unhashed blocks first, then least recently freed). The scan looks at most
+  ``SCAN_LIMIT`` free blocks;
+* after vLLM hands the blocks out (evicting their prefix-cache hashes),
   ``on_reuse(block_ids)`` tells shared mode's index that whatever KV they held is gone.
-* ``free_blocks``: blocks whose reference count drops to 0 go back to the free queue as
-  vLLM orders them, then, when ``protected`` is set, blocks of recurring content move to
-  the end reused last and all others to the end reused first. vLLM's own order keeps
-  hashed blocks (LRU) and reuses unhashed ones first; this keeps what recurs instead,
-  a two-segment LRU (probationary / protected) over the pool's free queue.
 
-Reference counts are vLLM's: this class never changes them beyond what ``free_blocks``
-does, and never frees the null block.
+Reference counts and the free queue's contents are vLLM's; this class only reorders
+free blocks and never touches the null block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from vllm.v1.core.block_pool import BlockPool
 
 from .version import check_vllm_version
 
 check_vllm_version()
+
+SCAN_LIMIT = 8192
 
 
 class SharedBlockPool(BlockPool):
@@ -38,22 +41,24 @@ class SharedBlockPool(BlockPool):
         return pool
 
     def get_new_blocks(self, num_blocks: int):
+        if self.protected is not None and num_blocks > 0:
+            self._unprotected_first(num_blocks)
         blocks = super().get_new_blocks(num_blocks)
         self.on_reuse([b.block_id for b in blocks])
         return blocks
 
-    def free_blocks(self, ordered_blocks: Iterable) -> None:
-        blocks = list(ordered_blocks)
-        super().free_blocks(blocks)
-        if self.protected is None:
-            return
-        freed = {b.block_id: b for b in blocks
-                 if b.ref_cnt == 0 and not b.is_null and b.pool in (None, self)}
-        if not freed:
-            return
-        keep, drop = [], []
-        for b in freed.values():
-            (keep if self.protected(b.block_id) else drop).append(b)
-            self.free_block_queue.remove(b)
-        self.free_block_queue.prepend_n(drop)
-        self.free_block_queue.append_n(keep)
+    def _unprotected_first(self, n: int) -> None:
+        queue = self.free_block_queue
+        chosen, skipped = [], False
+        for i, block in enumerate(queue.iter_blocks_after(None)):
+            if len(chosen) == n or i >= SCAN_LIMIT:
+                break
+            if self.protected(block.block_id):
+                skipped = True
+            else:
+                chosen.append(block)
+        if not skipped:
+            return          # the front is unprotected already: vLLM's order stands
+        for block in chosen:
+            queue.remove(block)
+        queue.prepend_n(chosen)

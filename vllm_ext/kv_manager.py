@@ -159,7 +159,7 @@ class VerifiedKVCacheManager(KVCacheManager):
     # -- shared mode: borrowed blocks ------------------------------------------------------
     def install_shared(self, state, protect: bool = True) -> None:
         """Shared mode: the pool reports reused blocks to ``state`` and, with ``protect``,
-        frees blocks of recurring chunks to the protected end of its free queue."""
+        reuses free blocks of recurring chunks only when no other free block is left."""
         from .block_pool import SharedBlockPool
 
         SharedBlockPool.install(self.block_pool, on_reuse=state.on_reuse,

@@ -22,9 +22,9 @@ Ownership and reference counts (the pool's, through ``BlockHolder``):
   still indexed: the pool is the store. When the pool hands the block out again
   (``on_reuse``), every chunk that lives in it leaves the index (``shared_evictions``);
   a later plan that would have used it computes those tokens instead.
-* frequency: each chunk counts the prompts that contained it (``sightings``); the KV
-  manager frees blocks of chunks seen at least twice to the protected end of the free
-  queue and other blocks to the end that is reused first (see ``kv_manager``).
+* frequency: each chunk counts the prompts that contained it (``sightings``); the pool
+  reuses free blocks of chunks seen at least twice only when no other free block is
+  left (``vllm_ext.block_pool``).
 
 Per step the scheduler sends one ``Borrow`` per scheduled borrower (the slot its last
 scheduled token is written to, and its segments); ``vllm_ext.attention`` reads them.
