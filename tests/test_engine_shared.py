@@ -93,7 +93,7 @@ def test_peak_physical_blocks_match_the_audit_prediction(engines, tmp_path):
     from analysis.audit import audit_workload
 
     rng = np.random.default_rng(5)
-    docs = [_tokens(90 + i, 360) for i in range(2)]
+    docs = [_tokens(940 + i, 360) for i in range(2)]   # chunk boundaries resync early
     prompts = [_tokens(200 + i, int(rng.integers(10, 90))) + docs[i % 2] + _tokens(300 + i, 9)
                for i in range(8)]
     path = tmp_path / "w.jsonl"
@@ -107,8 +107,9 @@ def test_peak_physical_blocks_match_the_audit_prediction(engines, tmp_path):
     _greedy(llm, prompts, max_tokens=24)                 # all eight at once
     s = _stats(llm)
     sim = predicted["simulation"]["shared"]
-    assert s["borrowed_runs"] >= 6
-    assert s["peak_physical_blocks"] < 0.6 * s["peak_logical_blocks"]
+    assert s["borrowed_runs"] == predicted["shared"]["borrowed_runs"] == 6
+    assert s["borrowed_tokens"] == predicted["shared"]["borrowed_tokens"]
+    assert s["peak_physical_blocks"] < 0.75 * s["peak_logical_blocks"]
     assert abs(s["peak_physical_blocks"] - sim["peak_physical_blocks"]) <= \
         0.1 * sim["peak_physical_blocks"]
     assert s["physical_blocks"] == 0 and s["held_source_blocks"] == 0

@@ -32,6 +32,8 @@ scheduled token is written to, and its segments); ``vllm_ext.attention`` reads t
 
 from __future__ import annotations
 
+import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -42,6 +44,9 @@ from dedup.hashing import Chunk
 from dedup.planner import ChunkSource, borrow_range, plan_injections
 
 from .sequence import RequestPlan, SequenceState
+
+logger = logging.getLogger("kvdedup")
+DEBUG = os.environ.get("KVDEDUP_DEBUG") == "1"
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,10 @@ class SharedState(SequenceState):
             prompt, chunks, self.index, start=start, max_end=len(prompt) - 1, k=self.k,
             min_inject=self.min_inject)
         borrows = [b for b in (self._to_borrow(i) for i in inj) if b is not None]
+        if DEBUG:
+            logger.warning("kvdedup shared: plan %s start=%d injections=%s borrows=%s",
+                           request.request_id, start, [(i.stop, i.end) for i in inj],
+                           [(b.stop, b.end, b.delta) for b in borrows])
         p = RequestPlan(chunks, borrows, exact_limit=borrows[0].stop if borrows else len(prompt),
                         limited=bool(borrows))
         held = sorted({blk for b in borrows for blk in b.blocks})
