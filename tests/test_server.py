@@ -14,55 +14,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from tests import serving
+from tests.serving import metric as _metric
+
 pytestmark = pytest.mark.server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _metric(text: str, name: str) -> float:
-    vals = [float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} ([0-9.e+-]+)$", text, re.M)]
-    assert vals, f"{name} not in /metrics"
-    return sum(vals)
 
 
 @pytest.fixture(scope="module")
 def server(engines, tmp_path_factory):
-    import requests
-
     engines.close()  # one engine at a time on this machine
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    trace = log.with_name("trace.jsonl")
-    cmd = [sys.executable, "-m", "vllm_ext.cli", "serve", "tiny", "--dedup", "sequence",
-           "--dedup-trace", str(trace), "--port", str(port), "--max-model-len", "512",
-           "--num-gpu-blocks-override", "64", "--enforce-eager"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-    yield base, proc, trace
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serving.serve(tmp_path_factory.mktemp("server"), "sequence",
+                       ["--max-model-len", "512", "--num-gpu-blocks-override", "64"]) as srv:
+        yield srv
 
 
 def test_concurrent_completions_share_and_metrics_return_to_zero(server):
