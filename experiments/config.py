@@ -302,6 +302,9 @@ def arm_engine_kwargs(arm: str, sequence: dict | None = None) -> tuple[str, dict
         return "observe", {"enable_prefix_caching": True}
     if arm in ("sequence", "shared"):  # the mode reads its own of the config's options
         return arm, {"dedup_options": mode_options(arm, sequence)}
+    if arm == "shared-lru":
+        return "shared", {"dedup_options": {**mode_options("shared", sequence),
+                                            "eviction": "lru"}}
     return "prefix", {}
 
 

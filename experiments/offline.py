@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vllm_ext.metrics import COUNTERS  # the cumulative step counters (engine-free module)
 
 WARMUP_TOKENS = 40
@@ -102,6 +104,7 @@ def run_offline(spec: dict) -> dict:
     kw = dict(spec["engine"])
     kw.update(arm_kw)
     kw["num_gpu_blocks_override"] = int(spec["num_blocks"])
+    kw.setdefault("disable_log_stats", False)   # per-request timings (TTFT) in the outputs
     t_start = time.perf_counter()
     llm = vllm_ext.LLM(spec["model"], dedup=mode, trace=str(raw_trace), **kw)
     startup_s = time.perf_counter() - t_start
@@ -123,6 +126,8 @@ def run_offline(spec: dict) -> dict:
         _shutdown(llm)
         raise
     gen_lens = [len(o.outputs[0].token_ids) for o in outs]
+    ttfts = [o.metrics.first_token_latency for o in outs
+             if getattr(o, "metrics", None) is not None and o.metrics.first_token_latency > 0]
     in_tokens = sum(len(r.prompt_token_ids) for r in reqs)
     out_tokens = sum(gen_lens)
     # time base of the measured batch on the engine clock: the trace's last warm-up step
@@ -159,6 +164,8 @@ def run_offline(spec: dict) -> dict:
         # f: fraction of prompt tokens whose KV was injected (sequence mode)
         "reused_fraction": (end.get("sequence_tokens_reused", 0)
                             - base.get("sequence_tokens_reused", 0)) / in_tokens if in_tokens else 0.0,
+        "median_ttft_s": float(np.median(ttfts)) if ttfts else None,
+        "p99_ttft_s": float(np.percentile(ttfts, 99)) if ttfts else None,
         "generated_lens": gen_lens,
         "reference_output_lens_match": gen_lens == ref,
         "startup_s": startup_s,

@@ -31,7 +31,8 @@ from experiments.summary import arm_rank, cell_key, generated_tokens, summarize_
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_METRICS_OFFLINE = ("request_throughput", "total_token_throughput", "output_throughput",
                            "elapsed_s", "peak_physical_blocks", "mean_physical_blocks",
-                           "peak_logical_blocks", "mean_dedup_ratio", "hit_rate", "preemptions")
+                           "peak_logical_blocks", "mean_dedup_ratio", "hit_rate", "preemptions",
+                           "reused_fraction", "median_ttft_s", "p99_ttft_s")
 SUMMARY_METRICS_ONLINE = ("p95_normalized_latency_s", "mean_normalized_latency_s", "goodput",
                           "mean_ttft_ms", "p95_ttft_ms", "mean_tpot_ms", "p95_e2el_ms",
                           "completed", "failed")
@@ -375,6 +376,8 @@ def summarize(runs: list[dict], cfg: Config | None = None) -> dict:
                 entry["total_output_tokens"] = next(
                     r.get("total_output_tokens") for r in ok if r["arm"] == arm)
             entry["ratio_vs_vllm_apc"] = g["ratios"].get(main)
+            if cell["comparable"]:
+                entry["paired_ratios"] = paired_ratios(ok, arm, main)
             cell["arms"][arm] = entry
         out_cells.append(cell)
     summary: dict[str, Any] = {"baseline_arm": BASELINE_ARM,
@@ -409,6 +412,18 @@ def summarize(runs: list[dict], cfg: Config | None = None) -> dict:
     return summary
 
 
+def paired_ratios(runs: list[dict], arm: str, metric: str) -> list[float]:
+    """``metric`` of ``arm`` over the baseline's, rep by rep (runs of one cell; the reps
+    are interleaved, so rep i of both arms ran side by side)."""
+    by = {(r["arm"], r.get("rep")): r.get(metric) for r in runs}
+    out = []
+    for (a, rep), v in sorted(by.items(), key=lambda kv: str(kv[0][1])):
+        b = by.get((BASELINE_ARM, rep))
+        if a == arm and v and b:
+            out.append(v / b)
+    return out
+
+
 def write_parquet(runs: list[dict], out: Path) -> None:
     import pandas as pd
 
@@ -429,16 +444,22 @@ def format_table(summary: dict) -> str:
         if c["kind"] == "offline":
             lines.append(f"\n{c['use_case']}  num_blocks={c['num_blocks']}  "
                          f"num_requests={c['num_requests']}  (median [min-max] over reps)")
-            hdr = f"{'arm':<10} {'ok':>4} {'req/s':>22} {'tok/s':>9} {'peak blocks':>12} {'hit rate':>9} {'ratio vs vllm-apc':>18}"
+            hdr = (f"{'arm':<10} {'ok':>4} {'req/s':>22} {'vs vllm-apc':>11} {'pairs':>11} "
+                   f"{'TTFT med':>8} {'p99':>7} {'peak blocks':>11} {'dedup':>6} {'f':>5} "
+                   f"{'hit rate':>8}")
             lines += [hdr, "-" * len(hdr)]
             for arm, e in c["arms"].items():
                 rq = e["request_throughput"]
                 rqs = "-" if not rq else f"{rq['median']:.3f} [{rq['min']:.3f}-{rq['max']:.3f}]"
                 ratio = "-" if e["ratio_vs_vllm_apc"] is None else f"{e['ratio_vs_vllm_apc']:.2f}x"
+                pr = e.get("paired_ratios") or []
+                pairs = f"{min(pr):.2f}-{max(pr):.2f}" if len(pr) > 1 and arm != BASELINE_ARM else "-"
                 lines.append(f"{arm:<10} {e['n_ok']:>2}/{e['n_ok'] + e['n_failed']:<1} {rqs:>22} "
-                             f"{_f(e['total_token_throughput'], '.1f'):>9} "
-                             f"{_f(e['peak_physical_blocks'], '.0f'):>12} "
-                             f"{_f(e['hit_rate'], '.3f'):>9} {ratio:>18}")
+                             f"{ratio:>11} {pairs:>11} {_f(e['median_ttft_s'], '.2f'):>7}s "
+                             f"{_f(e['p99_ttft_s'], '.1f'):>6}s "
+                             f"{_f(e['peak_physical_blocks'], '.0f'):>11} "
+                             f"{_f(e['mean_dedup_ratio'], '.2f'):>6} "
+                             f"{_f(e['reused_fraction'], '.2f'):>5} {_f(e['hit_rate'], '.3f'):>8}")
         else:
             lines.append(f"\n{c['use_case']}  num_blocks={c['num_blocks']}  rate={c['request_rate']:g} req/s")
             hdr = f"{'arm':<10} {'ok':>5} {'p95 norm lat s/tok':>19} {'mean TTFT ms':>13} {'goodput':>8} {'failed':>7} {'ratio vs vllm-apc':>18}"

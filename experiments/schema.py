@@ -15,7 +15,7 @@ the ``vllm`` arm without prefix caching):
 
 Identity (scope ``all``)
     run_id (str, equals the file stem), kind ("offline"|"online"),
-    arm ("vllm"|"vllm-apc"|"prefix"|"sequence"|"shared"), use_case (str),
+    arm ("vllm"|"vllm-apc"|"prefix"|"sequence"|"shared"|"shared-lru"), use_case (str),
     workload_file (str), num_blocks (int, KV capacity in blocks),
     block_size (int, tokens), num_requests (int), rep (int), model (str),
     config_id (str: hash of the engine config *excluding the arm and the swept
@@ -58,7 +58,9 @@ class SchemaError(ValueError):
 
 
 KINDS = ("offline", "online")
-ARMS = ("vllm", "vllm-apc", "prefix", "sequence", "shared")
+#: ``shared-lru`` is shared mode with vLLM's own eviction order (the ablation of shared
+#: mode's frequency-aware eviction).
+ARMS = ("vllm", "vllm-apc", "prefix", "sequence", "shared", "shared-lru")
 STATUSES = ("ok", "failed")
 #: Arm that ratios are computed against.
 BASELINE_ARM = "vllm-apc"
@@ -82,7 +84,7 @@ def _f(name, typ, scope, nullable, doc):
 _IDENTITY = [
     _f("run_id", "str", "all", False, "unique run id; equals the JSON file stem"),
     _f("kind", "str", "all", False, "offline | online"),
-    _f("arm", "str", "all", False, "vllm | vllm-apc | prefix | sequence | shared"),
+    _f("arm", "str", "all", False, "vllm | vllm-apc | prefix | sequence | shared | shared-lru"),
     _f("use_case", "str", "all", False, "workload / use-case name"),
     _f("workload_file", "str", "all", False, "workload JSONL path"),
     _f("num_blocks", "int", "all", False, "KV capacity in blocks"),
@@ -108,6 +110,10 @@ _OFFLINE = [
     _f("mean_dedup_ratio", "float", "offline", True, "mean logical/physical over steps"),
     _f("hit_rate", "float", "offline", True, "prefix hit tokens / prefix query tokens"),
     _f("preemptions", "int", "offline", True, "preemptions during the run"),
+    _f("reused_fraction", "float", "offline", True,
+       "f: prompt tokens whose KV was reused at another offset / prompt tokens"),
+    _f("median_ttft_s", "float", "offline", True, "median time to first token from submission, s"),
+    _f("p99_ttft_s", "float", "offline", True, "p99 time to first token from submission, s"),
     _f("trace", "str", "offline", True, "step trace path relative to OUT, or null"),
 ]
 _ONLINE = [
@@ -165,7 +171,14 @@ def _type_ok(value: Any, typ: str) -> bool:
     return True
 
 
+#: Offline fields added after runs were first recorded: validated when present, never
+#: required (older result directories stay readable).
+LATER_FIELDS = ("reused_fraction", "median_ttft_s", "p99_ttft_s")
+
+
 def _required(spec: FieldSpec, run: dict) -> bool:
+    if spec.name in LATER_FIELDS:
+        return False
     if spec.scope == "all":
         return True
     return run.get("status") == "ok" and run.get("kind") == spec.scope

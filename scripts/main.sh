@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# README command 1: the main job on the embedded default model (SmolLM2-135M-Instruct):
-# a quick, interleaved A/B of stock vLLM (APC off, APC on) against kvdedup's prefix mode
-# on a shared-template workload, printing arm, req/s, tok/s, peak blocks, hit rate and
-# the ratio vs vllm-apc. Sets up the venv, model and workload on first use.
-# Extra arguments go to `python -m experiments run` (e.g. --out DIR, --arms ...).
+# README command 1: the main job on the embedded default model (SmolLM2-135M-Instruct).
+# Long-input summarization whose documents recur after different instructions, at a KV
+# capacity where memory binds: stock vLLM with prefix caching against kvdedup's prefix,
+# sequence and shared modes, interleaved (experiments/configs/main.yaml). It prints one
+# row per arm (req/s, ratio and paired spread vs vllm-apc, TTFT, peak KV blocks, dedup
+# ratio, f), then the quality guard (experiments.quality guard), then writes the report
+# with figures and prints where it is. Sets up the venv, model and workload on first use.
+# Extra arguments go to `python -m experiments run` (e.g. --out DIR, --reps N).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 python -m vllm_ext.models smollm2 >/dev/null
-exec python -m experiments run quick "$@"
+OUT=results/main
+for ((i = 1; i <= $#; i++)); do [ "${!i}" = "--out" ] && j=$((i + 1)) && OUT="${!j}"; done
+python -m experiments run main --out "$OUT" "$@"
+python -m experiments.quality guard --out "$OUT/quality"
+python -m analysis report "$OUT"

@@ -88,7 +88,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--docs-per-prompt", type=_positive, default=4, metavar="M",
                    help="multi-document: documents per prompt (default 4)")
     g.add_argument("--num-docs", type=_positive, default=40, metavar="N",
-                   help="multi-document: size of the document pool (default 40)")
+                   help="multi-document, recurring-mix: size of the (popular) document pool "
+                   "(default 40)")
+    g.add_argument("--recurring", type=float, default=0.5, metavar="P",
+                   help="recurring-mix: share of requests carrying a popular article (default 0.5)")
     g.add_argument("--copies", type=_positive, default=3, metavar="C",
                    help="syndication: outlets per article body (default 3)")
     g.add_argument("--edit-prob", type=float, default=0.3, metavar="P",
@@ -174,7 +177,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for need in info.needs:
         texts[need], sources[need] = loaders[need]()
     params = {k: getattr(args, k) for k in ("template_tokens", "instructions", "docs_per_prompt", "num_docs",
-                                            "copies", "edit_prob", "turns", "doc_tokens")}
+                                            "copies", "edit_prob", "turns", "doc_tokens",
+                                            "recurring")}
     units, gen_meta = info.func(texts, tok, args.num_requests, args.seed, **params)
     requests, stats = build_requests(units, tok, seed=args.seed, max_model_len=mml,
                                      max_prompt_tokens=args.max_prompt_tokens, origin=args.kind,
@@ -197,6 +201,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 _USED = {"shared-template": ("template_tokens",), "multi-instruction": ("instructions",),
          "multi-instruction-long": ("instructions", "doc_tokens"),
          "multi-document": ("docs_per_prompt", "num_docs"), "syndication": ("copies", "edit_prob"),
+         "recurring-mix": ("num_docs", "recurring"),
          "multi-turn": ("turns",)}
 
 

@@ -201,6 +201,31 @@ def gen_multi_document(texts: dict, tokenizer: Any, n: int, seed: int, docs_per_
     return units, {"docs_per_prompt": docs_per_prompt, "num_docs": num_docs}
 
 
+def gen_recurring_mix(texts: dict, tokenizer: Any, n: int, seed: int, num_docs: int = 10,
+                      recurring: float = 0.5, **_: Any) -> tuple[list[Unit], dict]:
+    """Each prompt: an instruction + one article. A ``recurring`` share of the requests
+    carry one of ``num_docs`` popular articles (at other offsets: the instructions differ
+    in length); the rest carry an article that appears once. The case an eviction policy
+    must get right: one-off articles churn the cache while popular ones recur."""
+    docs = _unique(texts["news"])
+    _need(0.0 <= recurring <= 1.0, "--recurring must be in [0, 1]")
+    rng = np.random.default_rng([seed, 7])
+    perm = [int(i) for i in rng.permutation(len(docs))]
+    popular, fresh = perm[:num_docs], iter(perm[num_docs:])
+    lens = get_distribution("cnn_dailymail").sample(rng, n)
+    units = []
+    for i in range(n):
+        if rng.random() < recurring:
+            d = popular[int(rng.integers(num_docs))]
+        else:
+            d = next(fresh, None)
+            _need(d is not None, f"not enough articles for {n} requests with {num_docs} popular ones")
+        instr = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
+        units.append([RawRequest(f"{instr}\n\n{docs[d]}\n\nAnswer:", lens[i], None,
+                                 f"recurring-mix:doc{d}")])
+    return units, {"num_docs": num_docs, "recurring": recurring}
+
+
 def _trim_last_sentence(text: str) -> str:
     parts = re.split(r"(?<=[.!?])\s+", text.strip())
     return " ".join(parts[:-1]) if len(parts) > 2 else text
@@ -320,6 +345,8 @@ GENERATORS: dict[str, GeneratorInfo] = {
         "each long Wikipedia article under k instructions placed before it (prefill-bound)"),
     "multi-document": GeneratorInfo(gen_multi_document, ("news",),
                                     "prompts concatenate m of n articles in varying order (RAG / multi-news)"),
+    "recurring-mix": GeneratorInfo(gen_recurring_mix, ("news",),
+                                   "popular articles recur among one-off articles (eviction under pressure)"),
     "syndication": GeneratorInfo(gen_syndication, ("news",),
                                  "same article body under different outlet headers/bylines (news wires)"),
     "multi-turn": GeneratorInfo(gen_multi_turn, ("dialogues", "wiki"),
