@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 
 from vllm_ext.sequence import SequenceState
 
+from tests.fakes import request as _req
+from tests.fakes import tokens as _tokens
+
 B = 32
-
-
-def _req(rid, tokens, salt=None):
-    return SimpleNamespace(request_id=rid, prompt_token_ids=tokens, num_computed_tokens=0,
-                           sampling_params=SimpleNamespace(prompt_logprobs=None),
-                           cache_salt=salt, lora_request=None)
-
-
-def _tokens(seed, n):
-    return np.random.default_rng(seed).integers(3, 2000, size=n).tolist()
 
 
 def _schedule(state, req, n):

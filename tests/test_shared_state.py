@@ -3,8 +3,6 @@ every path, pool reuse evicting chunks, tenants apart, recurring chunks protecte
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
@@ -43,14 +41,8 @@ class FakePool:
         return sum(self.refs.values())
 
 
-def _req(rid, tokens, salt=None):
-    return SimpleNamespace(request_id=rid, prompt_token_ids=tokens, num_computed_tokens=0,
-                           sampling_params=SimpleNamespace(prompt_logprobs=None),
-                           cache_salt=salt, lora_request=None)
-
-
-def _tokens(seed, n):
-    return np.random.default_rng(seed).integers(3, 2000, size=n).tolist()
+from tests.fakes import request as _req
+from tests.fakes import tokens as _tokens
 
 
 class Engine:

@@ -110,22 +110,30 @@ class SequenceState:
         """Plan a request the first time the scheduler considers it (``start`` = tokens
         already computed or hit in the exact prefix cache)."""
         p = self.plans.get(request.request_id)
-        if p is not None:
-            return p
+        if p is None:
+            p = self.plans[request.request_id] = self._new_plan(request, start)
+        return p
+
+    def _injections(self, request, start: int) -> list[Injection]:
+        """The runs a new request could reuse (none when it asks for prompt logprobs,
+        unless ``inject_prompt_logprobs``)."""
         prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
-        chunks = self.chunks(request)
         sp = request.sampling_params
-        wants_logprobs = sp is not None and sp.prompt_logprobs is not None
-        inj = [] if wants_logprobs and not self.inject_prompt_logprobs else plan_injections(
-            prompt, chunks, self.index, start=start, max_end=len(prompt) - 1, k=self.k,
-            min_inject=self.min_inject)
-        p = RequestPlan(chunks, inj, exact_limit=inj[0].stop if inj else len(prompt),
+        if sp is not None and sp.prompt_logprobs is not None and not self.inject_prompt_logprobs:
+            return []
+        return plan_injections(prompt, self.chunks(request), self.index, start=start,
+                               max_end=len(prompt) - 1, k=self.k, min_inject=self.min_inject)
+
+    def _new_plan(self, request, start: int) -> RequestPlan:
+        """Sequence mode: inject each run; its stored chunks are pinned until written."""
+        inj = self._injections(request, start)
+        p = RequestPlan(self.chunks(request), inj,
+                        exact_limit=inj[0].stop if inj else len(request.prompt_token_ids),
                         limited=bool(inj))
         for i in inj:
             for piece in i.pieces:
                 self.index.acquire(piece.digest)
                 p.pinned.append(piece.digest)
-        self.plans[request.request_id] = p
         return p
 
     def chunks(self, request) -> list[Chunk]:

@@ -41,7 +41,7 @@ from typing import Protocol
 import numpy as np
 
 from dedup.hashing import Chunk
-from dedup.planner import ChunkSource, borrow_range, plan_injections
+from dedup.planner import ChunkSource, borrow_range
 
 from .sequence import RequestPlan, SequenceState
 
@@ -121,30 +121,22 @@ class SharedState(SequenceState):
             self.sightings.update({ch.digest for ch in c})
         return c
 
-    def plan(self, request, start: int) -> RequestPlan:
-        p = self.plans.get(request.request_id)
-        if p is not None:
-            return p
-        prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
-        chunks = self.chunks(request)
-        sp = request.sampling_params
-        wants_logprobs = sp is not None and sp.prompt_logprobs is not None
-        inj = [] if wants_logprobs and not self.inject_prompt_logprobs else plan_injections(
-            prompt, chunks, self.index, start=start, max_end=len(prompt) - 1, k=self.k,
-            min_inject=self.min_inject)
+    def _new_plan(self, request, start: int) -> RequestPlan:
+        """Shared mode: borrow the whole blocks inside each run; hold their sources."""
+        inj = self._injections(request, start)
         borrows = [b for b in (self._to_borrow(i) for i in inj) if b is not None]
         if DEBUG:
             logger.warning("kvdedup shared: plan %s start=%d injections=%s borrows=%s",
                            request.request_id, start, [(i.stop, i.end) for i in inj],
                            [(b.stop, b.end, b.delta) for b in borrows])
-        p = RequestPlan(chunks, borrows, exact_limit=borrows[0].stop if borrows else len(prompt),
+        p = RequestPlan(self.chunks(request), borrows,
+                        exact_limit=borrows[0].stop if borrows else len(request.prompt_token_ids),
                         limited=bool(borrows))
         held = sorted({blk for b in borrows for blk in b.blocks})
         if held:
             self.taken[request.request_id] = self.pool.num_evictable(held)
             self.pool.hold(held)
             self.holds[request.request_id] = held
-        self.plans[request.request_id] = p
         return p
 
     def _to_borrow(self, inj) -> BorrowPlan | None:
