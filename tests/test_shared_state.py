@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.fakes import request as _req
+from tests.fakes import tokens as _tokens
 from vllm_ext.shared import SharedState
 
 B = 32
@@ -41,8 +43,6 @@ class FakePool:
         return sum(self.refs.values())
 
 
-from tests.fakes import request as _req
-from tests.fakes import tokens as _tokens
 
 
 class Engine:
