@@ -225,7 +225,7 @@ def test_every_figure_has_png_pdf_csv(full_report):
 def test_checklist_contents(full_report):
     _, out = full_report
     md = (out / "report.md").read_text()
-    assert "**FAIL** baselines present" in md  # no plain vllm arm in the synthetic set
+    assert "**PASS** baseline present (vllm-apc" in md
     assert "**PASS** workload provenance" in md
     assert "**PASS** repetitions >= 3 per cell" in md
     assert "**PASS** distributions shown" in md
@@ -390,3 +390,15 @@ def test_two_request_counts_are_two_cells_in_report_and_runner_summary(tmp_path)
         pre = c["arms"]["prefix"]
         assert pre["request_throughput"]["median"] == row["request_throughput_median"]
         assert pre["ratio_vs_vllm_apc"] == pytest.approx(row["request_throughput_ratio_vs_vllm-apc"])
+
+
+def test_checklist_fails_a_cell_without_the_baseline():
+    from types import SimpleNamespace
+
+    from analysis.report import evaluation_checklist
+
+    run = {"kind": "offline", "use_case": "u", "num_blocks": 8, "num_requests": 2,
+           "arm": "shared", "status": "ok", "run_id": "r0", "env": {}}
+    rs = SimpleNamespace(ok_runs=[run], runs=[run], failed_runs=[], workloads={})
+    first = evaluation_checklist(rs, set())[0]
+    assert not first.ok and "lacks vllm-apc" in first.detail
