@@ -44,7 +44,7 @@ Arms (offline and online alike): ``vllm`` = stock vLLM with prefix caching off,
 ``observe`` mode: vLLM's own scheduling logic unchanged, with kvdedup's scheduler
 subclass only *recording* block tables and hit counters every step, so every arm reports
 the same metrics. ``sequence`` = kvdedup's position-independent reuse (approximate),
-configured by the top-level ``sequence:`` mapping (``k``, ``store_bytes``, ``min_inject``;
+configured by the top-level ``sequence:`` mapping (``k``, ``tail``, ``store_bytes``, ``min_inject``;
 ``vllm_ext`` defaults otherwise), which is part of ``config_id``.
 
 Capacity scaling: the study swept 643/600/450/300/150 blocks of 16 tokens on a 40 GB A100
@@ -288,8 +288,8 @@ def parse_config(raw: dict, where: str = "config") -> Config:
 def _sequence_options(raw: Any, where: str) -> dict[str, Any]:
     if raw is None:
         return {}
-    if not isinstance(raw, dict) or set(raw) - {"k", "store_bytes", "min_inject"}:
-        raise ConfigError(f"{where}: sequence must map k / store_bytes / min_inject to ints")
+    if not isinstance(raw, dict) or set(raw) - {"k", "tail", "store_bytes", "min_inject"}:
+        raise ConfigError(f"{where}: sequence must map k / tail / store_bytes / min_inject to ints")
     for k, v in raw.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ConfigError(f"{where}: sequence.{k} must be an int >= 0, got {v!r}")

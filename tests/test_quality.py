@@ -70,7 +70,7 @@ def test_plan_matches_the_planner_and_rules_shrink_it():
     # injected tokens equal the source tokens they come from, and come from source "s"
     assert all(src[p32.src_pos[i]] == tgt[i] for i in inj) and set(p32.src_name[i] for i in inj) == {"s"}
     assert inj[0] - p32.injections[0].run_start == 32
-    t = plans.tail(p32, 64)
+    t = plans.plan(tgt, {"s": src}, 32, tail=64)
     assert np.sum(t.src_pos >= 0) == inj.size - 64 and t.ranges == 2     # still contiguous
     score = np.arange(len(tgt), dtype=float)
     b = plans.top_deviation(p32, score, 0.1)
@@ -84,7 +84,7 @@ def test_rules_select_and_closest():
     far = rng.integers(3, 5000, 120).tolist() + tgt[101:]               # another instruction
     assert rules.closest(tgt, {"far": far, "near": src}) == "near"
     p = rules.select(rules.parse("k=32,tail=16"), tgt, {"s": src})
-    assert p.f == pytest.approx(plans.tail(plans.plan(tgt, {"s": src}, 32), 16).f)
+    assert p.f == pytest.approx(plans.plan(tgt, {"s": src}, 32).f - 16 / len(tgt))
     with pytest.raises(ValueError, match="deviation score"):
         rules.select(rules.parse("k=0,blend=0.1"), tgt, {"s": src})
 

@@ -23,7 +23,7 @@ def test_engine_arms_on_tiny(tiny_model, tmp_path):
              Case("shift", "heldout", "synthetic", "single", p2 + doc + tail, p1 + doc + tail,
                   {"ws": p2 + [5] + doc + tail})]
     args = argparse.Namespace(out=tmp_path, floors=["ws"], max_new_tokens=8, group=4, engine_retries=0,
-                              modes=["sequence"], k=[0], store_bytes=64 << 20)
+                              modes=["sequence"], k=[0], tail=[0], store_bytes=64 << 20)
     from experiments.quality.engine import run_engine
 
     run_engine(cases, tiny_model, args)

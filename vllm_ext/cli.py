@@ -66,8 +66,8 @@ def parse_options(items: list[str]) -> dict[str, int]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("k", "store_bytes", "min_inject") or not value.isdigit():
-            raise ValueError(f"--dedup-option expects k=INT, store_bytes=INT or "
+        if not sep or key not in ("k", "tail", "store_bytes", "min_inject") or not value.isdigit():
+            raise ValueError(f"--dedup-option expects k=INT, tail=INT, store_bytes=INT or "
                              f"min_inject=INT, got {item!r}")
         out[key] = int(value)
     return out
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dedup-trace", metavar="PATH", help="append a JSON line per engine step")
     s.add_argument("--dedup-option", action="append", default=[], metavar="KEY=INT",
                    help="kvdedup scheduler option, repeatable: k (tokens recomputed at the "
-                   "start of each reused run, sequence mode), store_bytes, min_inject")
+                   "start of each reused run, sequence mode), tail (tokens recomputed at its end), "
+                   "store_bytes, min_inject")
     s.add_argument("--print-cmd", action="store_true", help="print the raw command and exit")
     args, rest = p.parse_known_args(argv)
     try:

@@ -10,7 +10,8 @@ arguments; ``LLM`` (offline) and ``kvdedup serve`` (``vllm_ext.cli``) both use i
 * ``prefix``: exact sharing with kvdedup hashes, salted per tenant, verified hits.
 * ``sequence``: ``prefix`` plus reuse of token runs stored from other requests at other
   offsets (approximate: keys re-rotated, first ``k`` tokens of each run recomputed).
-  ``dedup_options``: ``k`` (default 32), ``store_bytes`` (default 1 GiB), ``min_inject``.
+  ``dedup_options``: ``k`` (default 32), ``tail`` (tokens recomputed at the end of each
+  run, default 0), ``store_bytes`` (default 1 GiB), ``min_inject``.
 
 The plain-vLLM equivalent of ``LLM(model, dedup="prefix")`` is::
 

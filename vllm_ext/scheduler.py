@@ -89,6 +89,7 @@ class DedupScheduler(Scheduler):
                 bytes_per_token=self._bytes_per_block // self.block_size,
                 store_bytes=int(settings.get("store_bytes", 1 << 30)),
                 k=int(settings.get("k", 32)), min_inject=int(settings.get("min_inject", 32)),
+                tail=int(settings.get("tail", 0)),
                 inject_prompt_logprobs=bool(settings.get("inject_prompt_logprobs", False)))
             self.need_mamba_block_aligned_split = True
             self.kv_cache_manager.cache_limit = self.sequence.exact_limit

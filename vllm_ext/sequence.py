@@ -80,11 +80,12 @@ class StepCommands:
 class SequenceState:
     def __init__(self, block_size: int, bytes_per_token: int, store_bytes: int, k: int,
                  min_inject: int = 32, chunk_args: dict | None = None,
-                 inject_prompt_logprobs: bool = False) -> None:
+                 inject_prompt_logprobs: bool = False, tail: int = 0) -> None:
         self.inject_prompt_logprobs = inject_prompt_logprobs
         self.block_size = block_size
         self.bytes_per_token = bytes_per_token
         self.k = k
+        self.tail = tail   # the last tokens of each run are recomputed too (planner option)
         self.min_inject = min_inject
         self.chunk_args = chunk_args or {}
         self.index = DedupIndex(store_bytes, on_evict=self._on_evict)
@@ -114,7 +115,7 @@ class SequenceState:
         wants_logprobs = sp is not None and sp.prompt_logprobs is not None
         inj = [] if wants_logprobs and not self.inject_prompt_logprobs else plan_injections(
             prompt, chunks, self.index, start=start, max_end=len(prompt) - 1, k=self.k,
-            min_inject=self.min_inject)
+            min_inject=self.min_inject, tail=self.tail)
         p = RequestPlan(chunks, inj, exact_limit=inj[0].stop if inj else len(prompt),
                         limited=bool(inj))
         for i in inj:

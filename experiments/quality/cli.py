@@ -58,7 +58,10 @@ def make_parser() -> argparse.ArgumentParser:
     _common(eng, "results/quality/engine")
     eng.add_argument("--modes", nargs="*", default=["sequence"],
                      help="reuse modes, one fresh engine per (mode, k) (default sequence)")
-    eng.add_argument("--k", type=int, nargs="+", default=[32], help="recomputed tokens per run (default 32)")
+    eng.add_argument("--k", type=int, nargs="+", default=[32],
+                     help="tokens recomputed at the start of each run (default 32)")
+    eng.add_argument("--tail", type=int, nargs="+", default=[0],
+                     help="tokens recomputed at the end of each run (default 0); one engine per (mode, k, tail)")
     eng.add_argument("--group", type=int, default=16, help="cases per batch (default 16)")
     eng.add_argument("--store-bytes", type=int, default=1 << 30, help="sequence store budget (default 1 GiB)")
     eng.add_argument("--engine-retries", type=int, default=1,
@@ -132,6 +135,13 @@ def main(argv=None) -> int:
     if args.cmd == "summarize":
         write_summary(args.out)
         return 0
+    if args.cmd == "engine":
+        import vllm_ext
+
+        bad = [m for m in args.modes if m not in vllm_ext.DEDUP_MODES or m in ("off", "observe")]
+        if bad or min(args.k + args.tail) < 0:
+            raise SystemExit(f"engine: modes must be reuse modes of vllm_ext ({', '.join(m for m in vllm_ext.DEDUP_MODES if m not in ('off', 'observe'))}), "
+                             f"k and tail >= 0; got modes {args.modes}, k {args.k}, tail {args.tail}")
     if args.cmd == "kvdev":
         from .kvdev import main as kv_main
 

@@ -9,7 +9,7 @@
   ``inject_prompt_logprobs``). Each case has its own ``cache_salt``, so no case reuses
   another's KV (the simulator's setting). A continuation position is scored only if the
   token before it cannot have been injected (a conservative check against every chunk
-  digest sent before). Rows ``<mode>:k=<k>``.
+  digest sent before). Rows ``<mode>:k=<k>[,tail=<t>]``.
 
 Hold the engine lock: ``flock /tmp/kvdedup-engine.lock python -m experiments.quality engine ...``.
 """
@@ -153,22 +153,27 @@ def _digests(tokens: Sequence[int], salt: bytes) -> set:
     return {c.digest for c in chunk_runs(np.asarray(tokens, dtype=np.int64), salt=salt)}
 
 
-def reuse_arm(cases: list[Case], model: str, mode: str, k: int, args, refs: dict, done: dict) -> list[dict]:
-    """Rows of arm ``<mode>:k=<k>`` missing from ``done``, on one fresh engine."""
+def reuse_arm(cases: list[Case], model: str, mode: str, rule, args, refs: dict, done: dict) -> list[dict]:
+    """Rows of arm ``<mode>:<rule>`` (a contiguous ``rules.Rule``: k, tail) missing from
+    ``done``, on one fresh engine."""
     import vllm_ext
     from tqdm import tqdm
 
-    arm = f"{mode}:k={k}"
+    arm, k = f"{mode}:{rule.name}", rule.k
     todo = [c for c in cases if arm not in done.get(c.case_id, {})]
     if not todo:
         return []
     max_len = _max_len(cases, args.max_new_tokens)
     llm = make_engine(model, mode, max_len, max(256, 4 * max_len // BLOCK),
-                      {"k": k, "store_bytes": args.store_bytes, "inject_prompt_logprobs": True},
+                      {"k": k, "tail": rule.tail, "store_bytes": args.store_bytes,
+                       "inject_prompt_logprobs": True},
                       retries=args.engine_retries)
 
     def reused() -> int:
-        return int(vllm_ext.dedup_stats(llm)["sequence_tokens_reused"])
+        # tokens whose KV the mode took from elsewhere: <mode>_tokens_reused where the mode
+        # reports its own counter (e.g. a shared mode), else sequence mode's
+        st = vllm_ext.dedup_stats(llm)
+        return int(st.get(f"{mode}_tokens_reused", st.get("sequence_tokens_reused", 0)))
 
     out = []
     try:
@@ -193,6 +198,7 @@ def reuse_arm(cases: list[Case], model: str, mode: str, k: int, args, refs: dict
                      and ref["lp"][i] is not None]
             res = {"tokens": list(gen.outputs[0].token_ids), "text": gen.outputs[0].text, "lp": lp, "top1": top}
             row = {**case_fields(c), "arm": arm, "backend": "engine", "mode": mode, "k": k,
+                   "rule": rule.name, "tail": rule.tail,
                    "f": (u2 - u1) / L, "f_tf": (u3 - u2) / L, "source_reused": u1 - u0,
                    "reused": u2 > u1 or u3 > u2, "excluded_positions": len(cont) - len(valid),
                    **metrics.score(ref, res, valid), "output_text": res["text"]}
@@ -211,6 +217,9 @@ def run_engine(cases: list[Case], model: str, args) -> None:
     stock_arms(cases, model, args, done)
     done = rowsmod.done_by_case([r for r in rowsmod.load(args.out / "rows.jsonl") if r.get("backend") == "engine"])
     refs = {c.case_id: done[c.case_id]["full"] for c in cases}
+    from .rules import Rule
+
     for mode in args.modes:
         for k in args.k:
-            reuse_arm(cases, model, mode, k, args, refs, done)
+            for tail in args.tail:
+                reuse_arm(cases, model, mode, Rule(k=k, tail=tail), args, refs, done)

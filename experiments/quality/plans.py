@@ -7,9 +7,8 @@ whole blocks (the prefix cache), and ``dedup.planner.plan_injections`` gives the
 A plan is an int array over target positions: ``-1`` = computed, else the source position
 whose KV is injected (``src_name`` says which source). Pure numpy; no engine, no torch.
 
-Selection rules on top of the planner (``k``: EPIC's first-k of each run):
-* ``tail``: also recompute the last ``b`` injected tokens of each run (contiguous: the run
-  just ends earlier).
+Selection rules: the planner's own (``k``: EPIC's first-k of each run; ``tail``: also
+the last tokens of each run, contiguous), and on top of it
 * ``top_deviation``: also recompute the ``r`` share of injected tokens with the highest
   deviation score (CacheBlend; not contiguous).
 """
@@ -66,12 +65,14 @@ def prefix_hit(target: list[int], sources: dict[str, list[int]], block: int = BL
     return min(best // block * block, (len(target) - 1) // block * block)
 
 
-def plan(target: list[int], sources: dict[str, list[int]], k: int, min_inject: int = 32) -> Plan:
-    """The engine's sequence-mode plan for ``target`` after ``sources``."""
+def plan(target: list[int], sources: dict[str, list[int]], k: int, min_inject: int = 32,
+         tail: int = 0) -> Plan:
+    """The engine's sequence-mode plan for ``target`` after ``sources`` (``tail``: the
+    planner's option of recomputing each run's last tokens)."""
     arr = np.asarray(target, np.int64)
     idx = store(sources)
     injections = plan_injections(arr, chunk_runs(arr), idx, start=prefix_hit(target, sources),
-                                 max_end=len(arr) - 1, k=k, min_inject=min_inject)
+                                 max_end=len(arr) - 1, k=k, min_inject=min_inject, tail=tail)
     src = np.full(len(arr), -1, np.int64)
     names: list[str | None] = [None] * len(arr)
     for inj in injections:
@@ -79,17 +80,6 @@ def plan(target: list[int], sources: dict[str, list[int]], k: int, min_inject: i
             src[pc.dst:pc.dst + pc.length] = np.arange(pc.src, pc.src + pc.length)
             names[pc.dst:pc.dst + pc.length] = [idx.get(pc.digest).payload.source] * pc.length
     return Plan(src, names, injections)
-
-
-def tail(p: Plan, b: int, min_inject: int = 32) -> Plan:
-    """Also recompute the last ``b`` injected tokens of each run (contiguous)."""
-    src = p.src_pos.copy()
-    for inj in p.injections:
-        end = max(inj.stop, inj.end - b)
-        if end - inj.stop < min_inject:
-            end = inj.stop
-        src[end:inj.end] = -1
-    return Plan(src, list(p.src_name), p.injections)
 
 
 def top_deviation(p: Plan, score: np.ndarray, r: float) -> Plan:

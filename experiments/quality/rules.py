@@ -3,7 +3,8 @@
 Keys of a spec (comma-separated ``key=value``):
 
 * ``k``: recompute the first ``k`` tokens of each run (EPIC, the engine's rule).
-* ``tail``: also recompute the last ``tail`` injected tokens of each run (contiguous).
+* ``tail``: also recompute the last ``tail`` tokens of each run (contiguous; the
+  planner's ``tail`` option).
 * ``blend``: also recompute this share of the injected tokens with the highest KV
   deviation (CacheBlend-style; not contiguous). ``score`` picks the deviation signal:
   ``l1`` (layer 1's keys: what CacheBlend measures after recomputing the first layers
@@ -106,9 +107,7 @@ def select(rule: Rule, target: list[int], sources: dict[str, list[int]],
     """The plan of ``rule`` for ``target``. ``sources``: the stored copies' prompts in
     sighting order (``first`` uses only the first); ``scores``: per-position deviation
     signals by name (needed for ``blend``)."""
-    p = plans.plan(target, dict(list(sources.items())[:1]), rule.k)
-    if rule.tail:
-        p = plans.tail(p, rule.tail)
+    p = plans.plan(target, dict(list(sources.items())[:1]), rule.k, tail=rule.tail)
     if rule.blend:
         if not scores or rule.score not in scores:
             raise ValueError(f"rule {rule.name} needs the {rule.score!r} deviation score")
