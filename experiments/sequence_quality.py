@@ -201,18 +201,9 @@ def _run(llm, prompts: list[list[int]], sp) -> list:
 def teacher_forced(out, start: int, tokens: Sequence[int]) -> tuple[list[float | None], list[int | None]]:
     """Log-prob of ``tokens`` (prompt positions start..) and the top-1 token at each
     (None where the engine returned no entry for the token, e.g. an injected position)."""
-    lps: list[float | None] = []
-    tops: list[int | None] = []
-    pl = out.prompt_logprobs
-    for i, t in enumerate(tokens):
-        d = pl[start + i]
-        if not d or t not in d:
-            lps.append(None)
-            tops.append(None)
-            continue
-        lps.append(float(d[t].logprob))
-        tops.append(int(min(d.items(), key=lambda kv: kv[1].rank)[0]))
-    return lps, tops
+    from experiments.quality.engine import teacher_forced as _tf
+
+    return _tf(out, start, tokens)
 
 
 def _reused(llm) -> tuple[int, int]:
