@@ -236,3 +236,17 @@ def test_simulator_is_exact_for_an_identical_context(tiny_model):
     assert np.nanmean(dk[-1, mapped]) > 1e-3                                   # deeper: context
     k, v = kv_deviation(T, T, np.arange(10))
     assert k.shape == (4, 10) and float(k.max()) == 0.0
+
+
+def test_planned_f_on_a_workload():
+    from experiments.quality.workload_f import planned_f
+
+    src, tgt = _doc_case()
+    r = planned_f([src, tgt, tgt], rules.parse("k=32"))
+    p = plans.plan(tgt, {"s": src}, 32)
+    # the first request reuses nothing; the second as planned; the third is an exact prefix
+    # hit up to the second's first stop and injects the rest
+    assert r["requests"] == 3 and r["reused_tokens"] >= int(p.f * len(tgt))
+    assert planned_f([src, tgt], rules.parse("k=32,tail=16"))["reused_tokens"] == int(p.f * len(tgt)) - 16
+    with pytest.raises(ValueError, match="k and tail"):
+        planned_f([src], rules.parse("k=0,blend=0.1"))

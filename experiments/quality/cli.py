@@ -5,6 +5,7 @@
         --k 32 --split heldout --out results/quality/engine
     python -m experiments.quality summarize --out results/quality/sim
     python -m experiments.quality kvdev --out results/quality/sim
+    python -m experiments.quality f WORKLOAD.jsonl --rules k=32 k=32,tail=16
 
 Runs are resumable: every (case, arm) row is appended to ``OUT/rows.jsonl`` as soon as it
 is measured, and arms already there are skipped, so a long evaluation can be split over
@@ -66,6 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
     eng.add_argument("--store-bytes", type=int, default=1 << 30, help="sequence store budget (default 1 GiB)")
     eng.add_argument("--engine-retries", type=int, default=1,
                      help="retries of an engine start that failed for lack of memory (default 1)")
+    fp = sub.add_parser("f", help="f a recompute rule leaves on a workload file (planned offline)")
+    fp.add_argument("workload", type=Path, help="a workload JSONL (python -m experiments.workloads generate)")
+    fp.add_argument("--rules", nargs="+", type=_rule, default=[rules.parse("k=32")], help="contiguous rules (k, tail)")
     for name, helptext in (("summarize", "rebuild OUT/summary.{json,md,png} from OUT/rows.jsonl"),
                            ("kvdev", "tables of the KV deviation maps in OUT/kvdev")):
         p = sub.add_parser(name, help=helptext)
@@ -142,6 +146,13 @@ def main(argv=None) -> int:
         if bad or min(args.k + args.tail) < 0:
             raise SystemExit(f"engine: modes must be reuse modes of vllm_ext ({', '.join(m for m in vllm_ext.DEDUP_MODES if m not in ('off', 'observe'))}), "
                              f"k and tail >= 0; got modes {args.modes}, k {args.k}, tail {args.tail}")
+    if args.cmd == "f":
+        from .workload_f import main as f_main
+
+        try:
+            return f_main(args.workload, args.rules)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     if args.cmd == "kvdev":
         from .kvdev import main as kv_main
 

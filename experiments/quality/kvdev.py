@@ -62,6 +62,8 @@ def analyze(out: Path) -> dict:
         rows[(r["case_id"], r["arm"])] = r
     ks, vs, starts, ends, per_case = [], [], [], [], []
     post_tail = []
+    rules_seen = [str(np.load(f)["post_rule"]) for f in files]
+    post_rule = max(set(rules_seen), key=rules_seen.count)   # post maps of one rule only
     for f in files:
         z = np.load(f)
         cid = f.stem
@@ -74,15 +76,21 @@ def analyze(out: Path) -> dict:
         # computed tokens after the last run: the rest of the prompt (question, template)
         last_end = int(z["run_end"].max()) if z["run_end"].size else len(src)
         after = np.arange(len(src)) >= last_end
-        if after.any():
+        if after.any() and str(z["post_rule"]) == post_rule:
             post_tail.append((z["post_k"][:, after].mean(axis=1), z["post_v"][:, after].mean(axis=1)))
-        rec = {"case_id": cid, "split": full.get("split"), "domain": full.get("domain"),
+        deep = dk[dk.shape[0] // 2:]
+        runs = [(int(a), int(b)) for a, b in zip(z["run_start"], z["run_end"])]
+        rec_runs = {"run_tokens": [b - a for a, b in runs],
+                    "deep_dk_run": [float(np.nanmean(deep[:, a:b])) for a, b in runs],
+                    "deep_dk_first8": [float(np.nanmean(deep[:, a:min(b, a + 8)])) for a, b in runs],
+                    "deep_dk_last4": [float(np.nanmean(deep[:, max(a, b - 4):b])) for a, b in runs]}
+        rec = {**rec_runs, "case_id": cid, "split": full.get("split"), "post_rule": str(z["post_rule"]), "domain": full.get("domain"),
                "intent": full.get("intent"), "source_intent": full.get("source_intent"),
                "instr_tokens": full.get("instr_tokens"), "source_instr_tokens": full.get("source_instr_tokens"),
                "mapped_tokens": int(mapped.sum()),
                "mean_dk": float(np.nanmean(dk[:, mapped])) if mapped.any() else None,
                "mean_dv": float(np.nanmean(dv[:, mapped])) if mapped.any() else None,
-               "tail_dk": float(post_tail[-1][0].mean()) if after.any() else None}
+               "tail_dk": float(z["post_k"][:, after].mean()) if after.any() else None}
         for arm in ("sim:k=0", "sim:k=32"):
             if (cid, arm) in rows:
                 rec[f"logprob_delta[{arm}]"] = rows[(cid, arm)]["logprob_delta"]
@@ -101,7 +109,14 @@ def analyze(out: Path) -> dict:
             if len(pairs) > 2:
                 a, b = np.asarray(pairs).T
                 corr[f"{key} vs Δlogp[{arm}]"] = {"n": len(pairs), "spearman": _spearman(a, b)}
-    return {"cases": len(files), "by_layer": by_layer,
+    by_domain = {}
+    for dom in sorted({str(r["domain"]) for r in per_case}):
+        rs = [r for r in per_case if str(r["domain"]) == dom]
+        cat = {k: [x for r in rs for x in r[k]] for k in ("run_tokens", "deep_dk_run", "deep_dk_first8", "deep_dk_last4")}
+        by_domain[dom] = {"cases": len(rs), "runs": len(cat["run_tokens"]),
+                          "median_run_tokens": float(np.median(cat["run_tokens"])) if cat["run_tokens"] else None,
+                          **{k: float(np.nanmean(v)) if v else None for k, v in cat.items() if k != "run_tokens"}}
+    return {"cases": len(files), "by_domain": by_domain, "post_rule": post_rule, "post_cases": len(post_tail), "by_layer": by_layer,
             "by_position": {"keys": _bin_table(ks, starts), "values": _bin_table(vs, starts)},
             "by_position_from_end": {"keys": _bin_table(ks, ends), "values": _bin_table(vs, ends)},
             "per_case": per_case, "correlations": corr}
@@ -115,12 +130,18 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 def markdown(res: dict) -> str:
     lines = [f"KV deviation of the stored copy from full prefill ({res['cases']} cases): relative L2 "
              "error per token, keys re-rotated, before any recompute (k=0 plan).", "",
-             "### By layer (mean over stored tokens; post tail = computed tokens after the last run, "
-             "after reuse under the first rule)", "", "| layer | keys | values | post tail keys | post tail values |",
+             f"### By layer (mean over stored tokens; post tail = computed tokens after the last run, "
+             f"after reuse under {res['post_rule']}, {res['post_cases']} cases)", "", "| layer | keys | values | post tail keys | post tail values |",
              "|---|---|---|---|---|"]
     for r in res["by_layer"]:
         if r["layer"] in LAYERS or r["layer"] % 5 == 0:
             lines.append(f"| {r['layer']} | {r['dk']:.3f} | {r['dv']:.3f} | {_f(r['post_tail_dk'])} | {_f(r['post_tail_dv'])} |")
+    lines += ["", "### By domain: key deviation in the deeper half of the layers, per run", "",
+              "| domain | cases | runs | median run tokens | whole run | first 8 tokens | last 4 tokens |",
+              "|---|---|---|---|---|---|---|"]
+    for dom, d in res["by_domain"].items():
+        lines.append(f"| {dom} | {d['cases']} | {d['runs']} | {_f(d['median_run_tokens'])} | {_f(d['deep_dk_run'])} "
+                     f"| {_f(d['deep_dk_first8'])} | {_f(d['deep_dk_last4'])} |")
     for title, key in (("position in the run (tokens from its start)", "by_position"),
                        ("distance from the run's end", "by_position_from_end")):
         lines += ["", f"### By {title}: keys, mean over layers and at some layers", "",
