@@ -109,7 +109,7 @@ def test_single_case_and_floors():
     doc = Doc("news:1", "news", "First one. Then more text here.")
     c = _single(tok, "dev", doc, 5, 0, "dev-news-00")                  # intent "first"
     assert c.answer == "First one." and c.info["intent"] == "first" and c.info["source_intent"] == "summary"
-    assert set(c.variants) == set(FLOORS) and len(c.alt_sources) == len(INSTRUCTIONS["dev"]) - 1
+    assert set(c.variants) == set(FLOORS) | {"same"} and c.variants["same"] == c.target and len(c.alt_sources) == len(INSTRUCTIONS["dev"]) - 1
     text = "".join(map(chr, c.target))
     assert text.startswith("<s>default system</s><u>Copy the first sentence") and doc.text in text
     assert "".join(map(chr, c.variants["ws"])) == text.replace("exactly.\n\n", "exactly. \n\n")

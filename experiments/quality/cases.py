@@ -15,7 +15,9 @@ would send them.
 Noise floors (``FLOORS``), changes that should not matter, scored like reuse:
 ``ws`` a trailing space after the instruction (or header), ``nl`` one more newline
 between instruction and document, ``sys`` the default system prompt reworded
-(explicit), ``para`` the instruction (or header) reworded.
+(explicit), ``para`` the instruction (or header) reworded. Optional ``same``: the target
+itself, run again (in the engine, in another batch: the floor of numerics alone; 0 in
+the simulator).
 
 Splits: ``dev`` (used to choose the recompute rule) and ``heldout`` (reported
 separately): disjoint documents and disjoint instruction sets; the ``dialogue`` and
@@ -31,6 +33,7 @@ import numpy as np
 from . import texts
 
 FLOORS = ("ws", "nl", "sys", "para")
+EXTRA_FLOORS = ("same",)   # the target itself, run again: the backend's own numeric noise
 SYSTEM_REWORDED = "You are SmolLM, a helpful AI assistant trained by Hugging Face."
 SPLITS = ("dev", "heldout")
 DOMAINS = {"dev": ("news", "wiki", "rag"), "heldout": ("news", "wiki", "dialogue", "faq", "rag")}
@@ -69,7 +72,7 @@ def _single(tok, split: str, doc: texts.Doc, ti: int, si: int, cid: str) -> Case
 
     return Case(
         cid, split, doc.domain, "single", chat_ids(tok, user(t)), chat_ids(tok, user(s)),
-        {"ws": chat_ids(tok, user(t + " ")), "nl": chat_ids(tok, user(t, "\n\n\n")),
+        {"same": chat_ids(tok, user(t)), "ws": chat_ids(tok, user(t + " ")), "nl": chat_ids(tok, user(t, "\n\n\n")),
          "sys": chat_ids(tok, user(t), SYSTEM_REWORDED), "para": chat_ids(tok, user(tp))},
         doc.first_sentence if intent == "first" else None,
         {"doc": doc.doc_id, "intent": intent, "source_intent": s_intent,
@@ -96,7 +99,7 @@ def _rag(tok, split: str, tgt: list[texts.Doc], src: list[texts.Doc], rng, cid: 
 
     return Case(
         cid, split, "rag", "multi-doc", ids(header), ids(header, docs=src, question=sq),
-        {"ws": ids(header + " "), "nl": chat_ids(tok, _rag_user(header + "\n", tgt, q)),
+        {"same": ids(header), "ws": ids(header + " "), "nl": chat_ids(tok, _rag_user(header + "\n", tgt, q)),
          "sys": ids(header, SYSTEM_REWORDED), "para": ids(header_p)},
         None, {"docs": [d.doc_id for d in tgt], "source_docs": [d.doc_id for d in src],
                "shared_docs": len({d.doc_id for d in tgt} & {d.doc_id for d in src}),

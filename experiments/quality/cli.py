@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from . import report, rows as rowsmod, rules
-from .cases import DOMAINS, FLOORS, SPLITS, build_cases
+from .cases import DOMAINS, EXTRA_FLOORS, FLOORS, SPLITS, build_cases
 
 
 def _rule(spec: str) -> rules.Rule:
@@ -39,8 +39,9 @@ def _common(ap: argparse.ArgumentParser, out: str) -> None:
     ap.add_argument("--seed", type=int, default=0, help="case seed (default 0)")
     ap.add_argument("--split", nargs="+", choices=SPLITS, default=list(SPLITS),
                     help="splits to run (default both)")
-    ap.add_argument("--floors", nargs="*", choices=FLOORS, default=list(FLOORS),
-                    help=f"noise floors (default all: {' '.join(FLOORS)})")
+    ap.add_argument("--floors", nargs="*", choices=FLOORS + EXTRA_FLOORS, default=list(FLOORS),
+                    help=f"noise floors (default: {' '.join(FLOORS)}; also 'same': the target run "
+                         "again, the backend's numeric noise)")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens (default 48)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N cases (smoke runs)")
 
@@ -89,7 +90,7 @@ def check_cases(out: Path, cases: list) -> None:
     """Write OUT/cases.jsonl, or check that an existing one holds the same prompts (rows
     of different cases must never mix)."""
     lines = [json.dumps({"case_id": c.case_id, "split": c.split, "domain": c.domain,
-                         "sha": hashlib.sha256(json.dumps([c.target, c.source, c.variants]).encode()).hexdigest()[:16]})
+                         "sha": hashlib.sha256(json.dumps([c.target, c.source, {f: c.variants[f] for f in FLOORS}]).encode()).hexdigest()[:16]})
              for c in cases]
     path = out / "cases.jsonl"
     if path.exists():
