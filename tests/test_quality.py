@@ -85,6 +85,9 @@ def test_rules_select_and_closest():
     assert rules.closest(tgt, {"far": far, "near": src}) == "near"
     p = rules.select(rules.parse("k=32,tail=16"), tgt, {"s": src})
     assert p.f == pytest.approx(plans.plan(tgt, {"s": src}, 32).f - 16 / len(tgt))
+    cont = tgt[150:170]
+    tf = rules.select(rules.parse("k=32,plan=tf"), tgt, {"s": src}, cont=cont)
+    assert tf.src_pos.size == len(tgt) and tf.src_pos[-1] == -1 and 0 < tf.f <= plans.plan(tgt, {"s": src}, 32).f
     with pytest.raises(ValueError, match="deviation score"):
         rules.select(rules.parse("k=0,blend=0.1"), tgt, {"s": src})
 

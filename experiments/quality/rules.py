@@ -11,8 +11,12 @@ Keys of a spec (comma-separated ``key=value``):
   of all tokens) or ``oracle`` (mean over all layers, keys and values: an upper bound
   for deviation-based choice).
 * ``src``: which stored copy to reuse when there are several: ``first`` (the first
-  sighting, the engine's store) or ``closest`` (the one whose instruction before the
-  document is most like the target's: same length bucket, then token overlap).
+  sighting, the engine's store) or ``closest`` (the one whose text before the shared run
+  is most like the target's: longest common suffix, then token overlap).
+* ``plan=tf`` (simulator only): plan as the engine plans its teacher-forced request
+  (target + reference continuation), whose last stored chunk no longer matches, so its
+  runs end at the document's last content cut instead of the prompt's last token. For
+  checking the simulator against the engine's teacher-forced numbers.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Rule:
     blend: float = 0.0
     score: str = "l1"
     src: str = "first"
+    plan: str = "prompt"
 
     @property
     def name(self) -> str:
@@ -43,6 +48,8 @@ class Rule:
                 parts.append(f"score={self.score}")
         if self.src != "first":
             parts.append(f"src={self.src}")
+        if self.plan != "prompt":
+            parts.append(f"plan={self.plan}")
         return ",".join(parts)
 
     @property
@@ -71,12 +78,14 @@ def parse(spec: str) -> Rule:
                 kw[key] = val
             elif key == "src" and val in ("first", "closest"):
                 kw[key] = val
+            elif key == "plan" and val in ("prompt", "tf"):
+                kw[key] = val
             else:
                 raise KeyError(key)
         except ValueError:
             raise ValueError(f"rule {spec!r}: bad value {val!r} for {key!r}") from None
         except KeyError:
-            raise ValueError(f"rule {spec!r}: unknown key {key!r} (k, tail, blend, score, src)") from None
+            raise ValueError(f"rule {spec!r}: unknown key {key!r} (k, tail, blend, score, src, plan)") from None
     return Rule(**kw)
 
 
@@ -103,11 +112,22 @@ def closest(target: list[int], sources: dict[str, list[int]]) -> str:
 
 
 def select(rule: Rule, target: list[int], sources: dict[str, list[int]],
-           scores: dict[str, np.ndarray] | None = None) -> plans.Plan:
+           scores: dict[str, np.ndarray] | None = None, cont: list[int] | None = None) -> plans.Plan:
     """The plan of ``rule`` for ``target``. ``sources``: the stored copies' prompts in
     sighting order (``first`` uses only the first); ``scores``: per-position deviation
-    signals by name (needed for ``blend``)."""
-    p = plans.plan(target, dict(list(sources.items())[:1]), rule.k, tail=rule.tail)
+    signals by name (needed for ``blend``); ``cont``: the reference continuation (needed
+    for ``plan=tf``)."""
+    first = dict(list(sources.items())[:1])
+    if rule.plan == "tf":
+        if cont is None:
+            raise ValueError(f"rule {rule.name} needs the reference continuation")
+        x = plans.plan(list(target) + list(cont), first, rule.k, tail=rule.tail)
+        n = len(target)
+        src, names = x.src_pos[:n].copy(), list(x.src_name[:n])
+        src[n - 1], names[n - 1] = -1, None
+        p = plans.Plan(src, names, x.injections)
+    else:
+        p = plans.plan(target, first, rule.k, tail=rule.tail)
     if rule.blend:
         if not scores or rule.score not in scores:
             raise ValueError(f"rule {rule.name} needs the {rule.score!r} deviation score")

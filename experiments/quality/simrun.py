@@ -81,7 +81,7 @@ def run_case(sim: Sim, case: Case, rule_list: list[rules.Rule], floors: list[str
         name = "source"
         if rule.src == "closest":
             name = rules.closest(case.target, srcs)
-        p = rules.select(rule, case.target, {name: srcs[name]}, scores)
+        p = rules.select(rule, case.target, {name: srcs[name]}, scores, ref["tokens"])
         c, lg = sim.reuse(case.target, p, {name: src_kv(name)})
         out = sim.readout(c, lg, ref["tokens"], max_new)
         rows.append({**base, "arm": f"sim:{rule.name}", "rule": rule.name, "k": rule.k, "f": p.f,
