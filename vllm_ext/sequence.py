@@ -83,11 +83,12 @@ class StepCommands:
 class SequenceState:
     def __init__(self, block_size: int, bytes_per_token: int, store_bytes: int, k: int,
                  min_inject: int = 32, chunk_args: dict | None = None,
-                 inject_prompt_logprobs: bool = False) -> None:
+                 inject_prompt_logprobs: bool = False, tail: int = 0) -> None:
         self.inject_prompt_logprobs = inject_prompt_logprobs
         self.block_size = block_size
         self.bytes_per_token = bytes_per_token
         self.k = k
+        self.tail = tail
         self.min_inject = min_inject
         self.chunk_args = chunk_args or {}
         self.index = DedupIndex(store_bytes, on_evict=self._on_evict)
@@ -122,7 +123,8 @@ class SequenceState:
         if sp is not None and sp.prompt_logprobs is not None and not self.inject_prompt_logprobs:
             return []
         return plan_injections(prompt, self.chunks(request), self.index, start=start,
-                               max_end=len(prompt) - 1, k=self.k, min_inject=self.min_inject)
+                               max_end=len(prompt) - 1, k=self.k, min_inject=self.min_inject,
+                               tail=self.tail)
 
     def _new_plan(self, request, start: int) -> RequestPlan:
         """Sequence mode: inject each run; its stored chunks are pinned until written."""
