@@ -457,6 +457,12 @@ def build_report(
             tables.append(("Sequence mode: f, 1/(1-f) and the decode-aware bound "
                            "(see analysis/timesplit.py)", _md_frame(bounds)))
 
+    quality = rs.root / "quality" / "summary.md"   # experiments.quality guard's, if run
+    if quality.is_file():
+        body = quality.read_text(encoding="utf-8").split("\n", 1)[-1].strip()
+        tables.append(("Quality guard (experiments.quality guard; quality/summary.md)",
+                       body.replace("\n## ", "\n#### ")))
+
     checklist = evaluation_checklist(rs, figs.kinds)
     pd.DataFrame([c.__dict__ for c in checklist]).to_csv(tab_dir / "checklist.csv", index=False)
 

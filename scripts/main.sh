@@ -13,7 +13,5 @@ python -m vllm_ext.models smollm2 >/dev/null
 OUT=results/main
 for ((i = 1; i <= $#; i++)); do [ "${!i}" = "--out" ] && j=$((i + 1)) && OUT="${!j}"; done
 python -m experiments run main --out "$OUT" "$@"
-if python -c "import experiments.quality.guard" 2>/dev/null; then
-    python -m experiments.quality guard --out "$OUT/quality"
-fi
+flock /tmp/kvdedup-engine.lock python -m experiments.quality guard --out "$OUT/quality"
 python -m analysis report "$OUT"

@@ -253,3 +253,25 @@ def test_planned_f_on_a_workload():
     assert planned_f([src, tgt], rules.parse("k=32,tail=16"))["reused_tokens"] == int(p.f * len(tgt)) - 16
     with pytest.raises(ValueError, match="k and tail"):
         planned_f([src], rules.parse("k=0,blend=0.1"))
+
+
+def test_guard_verdict_compares_each_mode_with_the_floor(capsys):
+    import argparse
+
+    from experiments.quality.cli import guard_verdict
+
+    def arm(top1, lp=-0.01, f=None):
+        return {"top1_agreement": {"mean": top1}, "logprob_delta": {"mean": lp},
+                "f": {} if f is None else {"mean": f}}
+
+    s = {"splits": {"heldout": {"n_cases": 5, "arms": {
+        "floor:ws": arm(0.97), "sequence:k=32": arm(0.96, f=0.5), "shared:k=32": arm(0.90, f=0.4)}}}}
+    args = argparse.Namespace(modes=["sequence", "shared"], guard_k=32, tolerance=0.02,
+                              strict=False, out="x")
+    assert guard_verdict(s, args) == 0          # reports, does not fail, by default
+    out = capsys.readouterr().out
+    assert "sequence  k=32" in out and "-> within" in out and "-> OUTSIDE" in out
+    args.strict = True
+    assert guard_verdict(s, args) == 1          # shared is 0.07 below the floor
+    args.modes = ["sequence"]
+    assert guard_verdict(s, args) == 0

@@ -6,6 +6,7 @@
     python -m experiments.quality summarize --out results/quality/sim
     python -m experiments.quality kvdev --out results/quality/sim
     python -m experiments.quality f WORKLOAD.jsonl --rules k=32 k=32,tail=16
+    python -m experiments.quality guard --out results/main/quality   # the main job's check
 
 Runs are resumable: every (case, arm) row is appended to ``OUT/rows.jsonl`` as soon as it
 is measured, and arms already there are skipped, so a long evaluation can be split over
@@ -68,6 +69,21 @@ def make_parser() -> argparse.ArgumentParser:
     eng.add_argument("--store-bytes", type=int, default=1 << 30, help="sequence store budget (default 1 GiB)")
     eng.add_argument("--engine-retries", type=int, default=1,
                      help="retries of an engine start that failed for lack of memory (default 1)")
+    gd = sub.add_parser("guard", help="the main job's quality check: a few held-out cases, "
+                        "sequence and shared at k=32 against full prefill and the whitespace floor")
+    gd.add_argument("--out", type=Path, default=Path("results/main/quality"),
+                    help="output directory (default results/main/quality)")
+    gd.add_argument("--model", default="smollm2", help="model name or HF dir (default smollm2)")
+    gd.add_argument("--modes", nargs="+", default=["sequence", "shared"],
+                    help="reuse modes (default sequence shared)")
+    gd.add_argument("--k", type=int, default=32, help="tokens recomputed per run (default 32)")
+    gd.add_argument("--cases", type=int, default=1,
+                    help="held-out cases per domain (default 1: 5 cases)")
+    gd.add_argument("--strict", action="store_true",
+                    help="exit 1 when a mode's mean top-1 agreement is more than "
+                         "--tolerance below the floor's")
+    gd.add_argument("--tolerance", type=float, default=0.02,
+                    help="top-1 margin below the floor --strict accepts (default 0.02)")
     fp = sub.add_parser("f", help="f a recompute rule leaves on a workload file (planned offline)")
     fp.add_argument("workload", type=Path, help="a workload JSONL (python -m experiments.workloads generate)")
     fp.add_argument("--rules", nargs="+", type=_rule, default=[rules.parse("k=32")], help="contiguous rules (k, tail)")
@@ -147,6 +163,8 @@ def main(argv=None) -> int:
         if bad or min(args.k + args.tail) < 0:
             raise SystemExit(f"engine: modes must be reuse modes of vllm_ext ({', '.join(m for m in vllm_ext.DEDUP_MODES if m not in ('off', 'observe'))}), "
                              f"k and tail >= 0; got modes {args.modes}, k {args.k}, tail {args.tail}")
+    if args.cmd == "guard":
+        args = _guard_args(args)
     if args.cmd == "f":
         from .workload_f import main as f_main
 
@@ -177,5 +195,52 @@ def main(argv=None) -> int:
         from .engine import run_engine
 
         run_engine(cases, model_dir, args)
-    write_summary(args.out)
+    s = write_summary(args.out)
+    if args.cmd == "guard":
+        return guard_verdict(s, args)
     return 0
+
+
+def _guard_args(args) -> argparse.Namespace:
+    """``engine`` with the guard's preset: held-out split, whitespace floor, one k. The
+    guard measures the code it runs on: rows of an earlier guard in ``--out`` are kept
+    aside (``rows.<time>.jsonl``), not resumed."""
+    import time
+
+    for name in ("rows.jsonl", "cases.jsonl"):
+        old = args.out / name
+        if old.exists():
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
+            old.rename(old.with_name(f"{old.stem}.{stamp}.jsonl"))
+    ns = make_parser().parse_args(["engine", "--out", str(args.out), "--model", args.model,
+                                   "--split", "heldout", "--floors", "ws",
+                                   "--cases", str(args.cases), "--k", str(args.k),
+                                   "--max-new-tokens", "32", "--modes", *args.modes])
+    ns.cmd, ns.strict, ns.tolerance, ns.guard_k = "guard", args.strict, args.tolerance, args.k
+    return ns
+
+
+def guard_verdict(summary: dict, args) -> int:
+    """One line per mode: mean Δ log p and top-1 against full prefill, next to the
+    whitespace floor's; 1 under ``--strict`` when a mode's top-1 falls more than
+    ``--tolerance`` below the floor's."""
+    s = summary["splits"]["heldout"]
+    floor = s["arms"].get("floor:ws")
+    if floor is None:
+        raise SystemExit(f"{args.out}: no floor:ws rows")
+    fmt = lambda g: (f"Δlogp {g['logprob_delta'].get('mean', float('nan')):+.4f} nats/token, "
+                     f"top-1 {g['top1_agreement'].get('mean', float('nan')):.3f}")
+    print(f"quality guard ({s['n_cases']} held-out cases, vs full prefill): "
+          f"whitespace floor {fmt(floor)}")
+    bad = []
+    for mode in args.modes:
+        g = s["arms"].get(f"{mode}:k={args.guard_k}")
+        if g is None:
+            raise SystemExit(f"{args.out}: no rows of {mode}:k={args.guard_k}")
+        gap = floor["top1_agreement"]["mean"] - g["top1_agreement"]["mean"]
+        ok = gap <= args.tolerance
+        bad += [] if ok else [mode]
+        f = g.get("f", {}).get("mean")
+        print(f"  {mode:9s} k={args.guard_k}: {fmt(g)}, f {f if f is None else round(f, 2)} "
+              f"-> {'within' if ok else 'OUTSIDE'} floor + {args.tolerance}")
+    return 1 if bad and args.strict else 0
