@@ -107,8 +107,15 @@ class DedupScheduler(Scheduler):
         if mode == "sequence":
             self.sequence = SequenceState(**common)
         else:
+            from vllm.platforms import current_platform
+
             from .attention import installed
 
+            if not current_platform.is_cpu():
+                # the backend overrides CPU_ATTN only: elsewhere borrowed ranges would be
+                # read as the null block they are in the block table
+                raise ValueError("kvdedup shared mode has a CPU attention backend only; on "
+                                 f"{current_platform.device_name} use --dedup sequence")
             if not installed():
                 raise ValueError("kvdedup shared mode needs its attention backend: start "
                                  "the engine through vllm_ext.LLM or `kvdedup serve`, or "
