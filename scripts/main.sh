@@ -12,6 +12,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 python -m vllm_ext.models smollm2 >/dev/null
 OUT=results/main
 for ((i = 1; i <= $#; i++)); do [ "${!i}" = "--out" ] && j=$((i + 1)) && OUT="${!j}"; done
-python -m experiments run main --out "$OUT" "$@"
-flock /tmp/kvdedup-engine.lock python -m experiments.quality guard --out "$OUT/quality"
+mkdir -p "$OUT/quality"
+python -m experiments run main --out "$OUT" "$@" | tee "$OUT/table.txt"
+# the guard's engine logs go to a file; its table and verdict to the terminal
+if ! flock /tmp/kvdedup-engine.lock python -m experiments.quality guard --out "$OUT/quality" \
+        > "$OUT/quality/guard.txt" 2> "$OUT/quality/guard.log"; then
+    tail -n 30 "$OUT/quality/guard.log"; echo "quality guard failed (log: $OUT/quality/guard.log)"; exit 1
+fi
 python -m analysis report "$OUT"
+echo; echo "== throughput and memory ($OUT/table.txt)"; grep -v "^main:\|runs now" "$OUT/table.txt"
+echo "== quality ($OUT/quality/summary.md)"; grep -A3 "^quality guard" "$OUT/quality/guard.txt"
