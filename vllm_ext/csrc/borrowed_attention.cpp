@@ -14,7 +14,8 @@
 // <R(p - delta) q, R(s) k>; all parts are merged by one online softmax.
 //
 // Rows are independent work: (row, kv head, query tile). float32 accumulation; exp is a
-// degree-6 polynomial (relative error < 2e-7) on 8-lane GCC vectors (AVX2 here).
+// degree-6 polynomial (relative error < 2e-7) on GCC vectors of VL float lanes: 16
+// (AVX-512) where the compiler targets it, else 8 (AVX2).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -28,11 +29,18 @@
 namespace {
 
 constexpr int QTILE = 16;  // query tokens per work item
-constexpr int MAXG = 8;    // query heads per KV head handled in one pass
+constexpr int MAXG = 8;    // query heads per KV head (at most), and rows per pass
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+#else
+constexpr int VL = 8;
+#endif
+constexpr int NK = 32 / VL;  // vectors per 32 keys of a key row
+constexpr int NV = 64 / VL;  // vectors per 64 dims of a value row
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint16_t vh __attribute__((vector_size(VL * 2)));
 
 // `n` keys at slot offsets [off, off + n) of physical block `block`; the first is at
 // the reader's logical position `pos`. `seg` is -1 for the reader's own blocks.
@@ -44,42 +52,42 @@ inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
-inline v8f load8(const float* p) {
-  v8f v;
+inline vf loadv(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline v8f load8(const c10::BFloat16* p) {  // bf16 is the top half of a float
-  v8h h;
+inline vf loadv(const c10::BFloat16* p) {  // bf16 is the top half of a float
+  vh h;
   std::memcpy(&h, p, sizeof h);
-  return (v8f)(__builtin_convertvector(h, v8i) << 16);
+  return (vf)(__builtin_convertvector(h, vi) << 16);
 }
-inline v8f load8(const c10::Half* p) {
-  v8f v;
-  for (int j = 0; j < 8; ++j) v[j] = static_cast<float>(p[j]);
+inline vf loadv(const c10::Half* p) {
+  vf v;
+  for (int j = 0; j < VL; ++j) v[j] = static_cast<float>(p[j]);
   return v;
 }
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 // exp(x) for x <= 0 (lanes at -inf give exactly 0): 2^k * e^r, |r| <= ln2 / 2, with a
 // degree-6 Taylor polynomial (relative error < 2e-7).
-inline v8f exp8(v8f x) {
-  const v8f magic = v8f{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const v8i dead = x == -INFINITY;
-  x = x < -87.0f ? v8f{} - 87.0f : x;
-  const v8f t = x * 1.4426950408889634f + magic;
-  const v8f k = t - magic;
-  const v8i ki = (v8i)t - (v8i)magic;
-  const v8f r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
-  v8f p = v8f{} + 1.0f / 720.0f;
+inline vf expv(vf x) {
+  const vf magic = vf{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vi dead = x == -INFINITY;
+  x = x < -87.0f ? vf{} - 87.0f : x;
+  const vf t = x * 1.4426950408889634f + magic;
+  const vf k = t - magic;
+  const vi ki = (vi)t - (vi)magic;
+  const vf r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
+  vf p = vf{} + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const v8f scale = (v8f)((ki + 127) << 23);
-  return (v8f)((v8i)(p * scale) & ~dead);
+  const vf scale = (vf)((ki + 127) << 23);
+  return (vf)((vi)(p * scale) & ~dead);
 }
 
 // The spans a row reads, in position order, covering [0, seq_len).
@@ -118,63 +126,67 @@ struct Shape {
 
 // Scores of the 32 keys at slots [c0, c0 + 32) of a key tile (transposed: row d holds
 // dim d of every slot, stride B) for HG query heads at once: each key row is loaded
-// once for all heads, and 4 * HG independent accumulators keep the FMA units busy.
+// once for all heads, and NK * HG independent accumulators keep the FMA units busy.
 template <typename T, int HG>
 inline void scores32(const float* const* q, const T* ktile, int B, int D, int c0,
                      float* const* out) {
-  v8f s[HG][4];
+  vf s[HG][NK];
 #pragma GCC unroll 4
   for (int h = 0; h < HG; ++h)
-    for (int j = 0; j < 4; ++j) s[h][j] = v8f{};
+#pragma GCC unroll 4
+    for (int j = 0; j < NK; ++j) s[h][j] = vf{};
   const T* k = ktile + c0;
   for (int d = 0; d < D; ++d, k += B) {
-    const v8f k0 = load8(k), k1 = load8(k + 8), k2 = load8(k + 16), k3 = load8(k + 24);
+    vf kj[NK];
+#pragma GCC unroll 4
+    for (int j = 0; j < NK; ++j) kj[j] = loadv(k + VL * j);
 #pragma GCC unroll 4
     for (int h = 0; h < HG; ++h) {
       const float qd = q[h][d];
-      s[h][0] += qd * k0;
-      s[h][1] += qd * k1;
-      s[h][2] += qd * k2;
-      s[h][3] += qd * k3;
+#pragma GCC unroll 4
+      for (int j = 0; j < NK; ++j) s[h][j] += qd * kj[j];
     }
   }
 #pragma GCC unroll 4
   for (int h = 0; h < HG; ++h)
-    for (int j = 0; j < 4; ++j) store8(out[h] + c0 + 8 * j, s[h][j]);
+#pragma GCC unroll 4
+    for (int j = 0; j < NK; ++j) storev(out[h] + c0 + VL * j, s[h][j]);
 }
 
 // acc[h][0..64) = alpha[h] * acc[h] + sum_t w[h][t] * V[t][ds..ds+64) for HG heads at
-// once (each value row loaded once, 8 * HG independent accumulators).
+// once (each value row loaded once, NV * HG independent accumulators).
 template <typename T, int HG>
 inline void values64(float* const* acc, const float* alpha, const float* const* w,
                      const T* vtile, int D, int ds, int lo, int last) {
-  v8f a[HG][8];
-#pragma GCC unroll 2
+  vf a[HG][NV];
+#pragma GCC unroll 4
   for (int h = 0; h < HG; ++h)
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) a[h][j] = load8(acc[h] + ds + 8 * j) * alpha[h];
+    for (int j = 0; j < NV; ++j) a[h][j] = loadv(acc[h] + ds + VL * j) * alpha[h];
   for (int t = lo; t < last; ++t) {
     const T* v = vtile + static_cast<int64_t>(t) * D + ds;
-    v8f vj[8];
+    vf vj[NV];
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) vj[j] = load8(v + 8 * j);
-#pragma GCC unroll 2
+    for (int j = 0; j < NV; ++j) vj[j] = loadv(v + VL * j);
+#pragma GCC unroll 4
     for (int h = 0; h < HG; ++h) {
       const float p = w[h][t];
 #pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) a[h][j] += p * vj[j];
+      for (int j = 0; j < NV; ++j) a[h][j] += p * vj[j];
     }
   }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
   for (int h = 0; h < HG; ++h)
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) store8(acc[h] + ds + 8 * j, a[h][j]);
+    for (int j = 0; j < NV; ++j) storev(acc[h] + ds + VL * j, a[h][j]);
 }
 
 template <typename T>
 void scores_all(const float* const* q, const T* ktile, int B, int D, int c0, int G,
                 float* const* out) {
   int h = 0;
+  if constexpr (VL == 16)  // 16 accumulators + 2 key vectors fit AVX-512's 32 registers
+    for (; h + 8 <= G; h += 8) scores32<T, 8>(q + h, ktile, B, D, c0, out + h);
   for (; h + 4 <= G; h += 4) scores32<T, 4>(q + h, ktile, B, D, c0, out + h);
   switch (G - h) {
     case 3: return scores32<T, 3>(q + h, ktile, B, D, c0, out + h);
@@ -187,11 +199,18 @@ void scores_all(const float* const* q, const T* ktile, int B, int D, int c0, int
 template <typename T>
 void values_all(float* const* acc, const float* alpha, const float* const* w,
                 const T* vtile, int D, int lo, int last, int G) {
+  // heads per pass: as many as the vector registers hold (AVX-512: 32, AVX2: 16)
+  constexpr int HV = VL == 16 ? 4 : 2;
   for (int ds = 0; ds < D; ds += 64) {
     int h = 0;
-    for (; h + 2 <= G; h += 2)
-      values64<T, 2>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last);
-    if (h < G) values64<T, 1>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last);
+    for (; h + HV <= G; h += HV)
+      values64<T, HV>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last);
+    switch (G - h) {
+      case 3: values64<T, 3>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last); break;
+      case 2: values64<T, 2>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last); break;
+      case 1: values64<T, 1>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last); break;
+      default: break;
+    }
   }
 }
 
@@ -202,11 +221,11 @@ void attend_item(const T* query, const T* kv, T* output, const Span* spans, int 
                  int seq_len, int q_len, int g, const Shape& sh) {
   const int B = sh.B, D = sh.D, G = sh.G, half = D / 2, Qt = q1 - q0, R = Qt * G;
   const int64_t tile = static_cast<int64_t>(B) * 2 * D;
-  std::vector<float> buf(static_cast<size_t>(R) * D * 3 + static_cast<size_t>(G) * B + D);
+  std::vector<float> buf(static_cast<size_t>(R) * D * 3 + static_cast<size_t>(MAXG) * B + D);
   float* q = buf.data();          // [Qt][G][D] scaled queries
   float* qr = q + R * D;          // the same, rotated for the current segment
   float* acc = qr + R * D;        // [Qt][G][D] unnormalized outputs
-  float* sc = acc + R * D;        // [G][B] scores, then weights, of one span
+  float* sc = acc + R * D;        // [MAXG][B] scores, then weights, of one span
   float* cs = sc + G * B;         // [D] cos | sin of the current segment
   std::fill(acc, acc + R * D, 0.0f);
   float m[QTILE * MAXG], l[QTILE * MAXG], alpha[MAXG];
@@ -214,7 +233,7 @@ void attend_item(const T* query, const T* kv, T* output, const Span* spans, int 
   float *sp_[MAXG], *ap[MAXG];
   std::fill(m, m + R, -INFINITY);
   std::fill(l, l + R, 0.0f);
-  for (int h = 0; h < G; ++h) sp_[h] = sc + h * B;
+  for (int h = 0; h < MAXG; ++h) sp_[h] = sc + h * B;
   for (int i = 0; i < Qt; ++i)
     for (int h = 0; h < G; ++h) {
       const T* src = query + (static_cast<int64_t>(q_start + q0 + i) * sh.Hq + g * G + h) * D;
@@ -249,36 +268,45 @@ void attend_item(const T* query, const T* kv, T* output, const Span* spans, int 
     const T* kbase = kv + (static_cast<int64_t>(sp.block) * sh.Hkv + g) * tile;
     const T* vbase = kbase + static_cast<int64_t>(B) * D;
     const int lo = sp.off, hi = sp.off + sp.n;
-    for (int i = 0; i < Qt; ++i) {
-      // slot t holds the key at position sp.pos + t - lo; query i is at qpos0 + i
-      const int last = std::min(hi, lo + (qpos0 + i - sp.pos) + 1);
-      if (last <= lo) continue;
-      for (int h = 0; h < G; ++h) qp[h] = qs + (i * G + h) * D;
+    // rows [r0, r0 + nr) of the tile (row r = query r / G, head r % G) read slots
+    // [lo, last): scores, online-softmax update, values
+    auto attend_rows = [&](int r0, int nr, int last) {
+      for (int j = 0; j < nr; ++j) qp[j] = qs + (r0 + j) * D;
       const int c_lo = lo / 32 * 32, c_hi = (last + 31) / 32 * 32;
-      for (int c0 = c_lo; c0 < c_hi; c0 += 32) scores_all(qp, kbase, B, D, c0, G, sp_);
-      float* mi = m + i * G;
-      float* li = l + i * G;
-      for (int h = 0; h < G; ++h) {
-        float* w = sp_[h];
+      for (int c0 = c_lo; c0 < c_hi; c0 += 32) scores_all(qp, kbase, B, D, c0, nr, sp_);
+      for (int j = 0; j < nr; ++j) {
+        float* w = sp_[j];
         for (int t = c_lo; t < lo; ++t) w[t] = -INFINITY;
         for (int t = last; t < c_hi; ++t) w[t] = -INFINITY;
         float smax = -INFINITY;
         for (int t = lo; t < last; ++t) smax = std::max(smax, w[t]);
-        const float mnew = std::max(mi[h], smax);
-        alpha[h] = std::exp(mi[h] - mnew);
-        v8f psum = v8f{};
-        for (int c = c_lo; c < c_hi; c += 8) {
-          const v8f e = exp8(load8(w + c) - mnew);
-          store8(w + c, e);
+        const int r = r0 + j;
+        const float mnew = std::max(m[r], smax);
+        alpha[j] = std::exp(m[r] - mnew);
+        vf psum = vf{};
+        for (int c = c_lo; c < c_hi; c += VL) {
+          const vf e = expv(loadv(w + c) - mnew);
+          storev(w + c, e);
           psum += e;
         }
         float ps = 0.0f;
-        for (int j = 0; j < 8; ++j) ps += psum[j];
-        li[h] = li[h] * alpha[h] + ps;
-        mi[h] = mnew;
-        ap[h] = acc + (i * G + h) * D;
+        for (int k = 0; k < VL; ++k) ps += psum[k];
+        l[r] = l[r] * alpha[j] + ps;
+        m[r] = mnew;
+        ap[j] = acc + r * D;
       }
-      values_all(ap, alpha, sp_, vbase, D, lo, last, G);
+      values_all(ap, alpha, sp_, vbase, D, lo, last, nr);
+    };
+    if (sp.pos + sp.n - 1 <= qpos0) {
+      // every query of the tile sees the whole span: up to MAXG rows per pass, so each
+      // key and value row loaded serves several queries
+      for (int r0 = 0; r0 < R; r0 += MAXG) attend_rows(r0, std::min(MAXG, R - r0), hi);
+    } else {
+      for (int i = 0; i < Qt; ++i) {
+        // slot t holds the key at position sp.pos + t - lo; query i is at qpos0 + i
+        const int last = std::min(hi, lo + (qpos0 + i - sp.pos) + 1);
+        if (last > lo) attend_rows(i * G, G, last);
+      }
     }
   }
   for (int i = 0; i < Qt; ++i)
