@@ -275,3 +275,12 @@ def test_guard_verdict_compares_each_mode_with_the_floor(capsys):
     assert guard_verdict(s, args) == 1          # shared is 0.07 below the floor
     args.modes = ["sequence"]
     assert guard_verdict(s, args) == 0
+
+
+def test_guard_rejects_a_mode_that_reuses_nothing_and_keeps_earlier_rows(tmp_path):
+    from experiments.quality.cli import main
+
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="reuse modes"):
+        main(["guard", "--out", str(tmp_path), "--modes", "off"])
+    assert (tmp_path / "rows.jsonl").read_text() == "{}\n"   # nothing set aside or lost

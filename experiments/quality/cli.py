@@ -156,7 +156,9 @@ def main(argv=None) -> int:
     if args.cmd == "summarize":
         write_summary(args.out)
         return 0
-    if args.cmd == "engine":
+    if args.cmd == "guard":
+        args = _guard_args(args)
+    if args.cmd in ("engine", "guard"):
         import vllm_ext
 
         bad = [m for m in args.modes if m not in vllm_ext.DEDUP_MODES or m in ("off", "observe")]
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"engine: modes must be reuse modes of vllm_ext ({', '.join(m for m in vllm_ext.DEDUP_MODES if m not in ('off', 'observe'))}), "
                              f"k and tail >= 0; got modes {args.modes}, k {args.k}, tail {args.tail}")
     if args.cmd == "guard":
-        args = _guard_args(args)
+        _set_aside(args.out)
     if args.cmd == "f":
         from .workload_f import main as f_main
 
@@ -201,17 +203,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def _guard_args(args) -> argparse.Namespace:
-    """``engine`` with the guard's preset: held-out split, whitespace floor, one k. The
-    guard measures the code it runs on: rows of an earlier guard in ``--out`` are kept
-    aside (``rows.<time>.jsonl``), not resumed."""
+def _set_aside(out: Path) -> None:
+    """The guard measures the code it runs on: rows of an earlier guard in ``out`` are
+    kept aside (``rows.<time>.jsonl``), not resumed."""
     import time
 
     for name in ("rows.jsonl", "cases.jsonl"):
-        old = args.out / name
+        old = out / name
         if old.exists():
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
             old.rename(old.with_name(f"{old.stem}.{stamp}.jsonl"))
+
+
+def _guard_args(args) -> argparse.Namespace:
+    """``engine`` with the guard's preset: held-out split, whitespace floor, one k."""
     ns = make_parser().parse_args(["engine", "--out", str(args.out), "--model", args.model,
                                    "--split", "heldout", "--floors", "ws",
                                    "--cases", str(args.cases), "--k", str(args.k),
@@ -232,15 +237,15 @@ def guard_verdict(summary: dict, args) -> int:
                      f"top-1 {g['top1_agreement'].get('mean', float('nan')):.3f}")
     print(f"quality guard ({s['n_cases']} held-out cases, vs full prefill): "
           f"whitespace floor {fmt(floor)}")
-    bad = []
+    outside = False
     for mode in args.modes:
         g = s["arms"].get(f"{mode}:k={args.guard_k}")
         if g is None:
             raise SystemExit(f"{args.out}: no rows of {mode}:k={args.guard_k}")
         gap = floor["top1_agreement"]["mean"] - g["top1_agreement"]["mean"]
         ok = gap <= args.tolerance
-        bad += [] if ok else [mode]
+        outside |= not ok
         f = g.get("f", {}).get("mean")
         print(f"  {mode:9s} k={args.guard_k}: {fmt(g)}, f {f if f is None else round(f, 2)} "
               f"-> {'within' if ok else 'OUTSIDE'} floor + {args.tolerance}")
-    return 1 if bad and args.strict else 0
+    return 1 if outside and args.strict else 0
