@@ -62,3 +62,18 @@ def test_cpu_env_is_a_default_not_an_override():
     env = {k: "7" for k in CPU_ENV}
     apply_cpu_env(env)
     assert set(env.values()) == {"7"}
+
+
+def test_shared_mode_refuses_to_start_off_cpu(monkeypatch):
+    """Its attention backend overrides CPU_ATTN only: elsewhere it must not start."""
+    from types import SimpleNamespace
+
+    from vllm.platforms import current_platform
+
+    from vllm_ext.scheduler import DedupScheduler
+
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    fake = SimpleNamespace(dedup_mode="shared", connector=object(), has_mamba_layers=False,
+                           block_size=32, _bytes_per_block=32 * 64)
+    with pytest.raises(ValueError, match="CPU attention backend only"):
+        DedupScheduler._init_reuse(fake, {})
