@@ -293,6 +293,11 @@ def _sequence_options(raw: Any, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: {e}") from None
 
 
+#: Arms that run a mode with one option changed (ablations).
+ABLATIONS = {"shared-lru": ("shared", {"eviction": "lru"}),
+             "shared-fcfs": ("shared", {"order": "fcfs"})}
+
+
 def arm_engine_kwargs(arm: str, sequence: dict | None = None) -> tuple[str, dict[str, Any]]:
     """``(dedup mode, extra engine kwargs)`` of an arm (the only thing arms differ in)."""
     check_arms([arm])
@@ -302,9 +307,9 @@ def arm_engine_kwargs(arm: str, sequence: dict | None = None) -> tuple[str, dict
         return "observe", {"enable_prefix_caching": True}
     if arm in ("sequence", "shared"):  # the mode reads its own of the config's options
         return arm, {"dedup_options": mode_options(arm, sequence)}
-    if arm == "shared-lru":
-        return "shared", {"dedup_options": {**mode_options("shared", sequence),
-                                            "eviction": "lru"}}
+    if arm in ABLATIONS:
+        mode, option = ABLATIONS[arm]
+        return mode, {"dedup_options": {**mode_options(mode, sequence), **option}}
     return "prefix", {}
 
 

@@ -96,3 +96,41 @@ def test_tenants_never_reuse_each_others_runs():
     same = _req("c", _tokens(14, 30) + doc + [3], salt="tenant-a")
     state.clip(same, 0, 531)
     assert state.plans["c"].injections
+
+
+def test_reuse_order_puts_requests_that_can_reuse_now_first_and_nothing_starves():
+    from vllm_ext import sequence as seqmod
+
+    state = SequenceState(block_size=B, bytes_per_token=8, store_bytes=10**8, k=32)
+    doc_a, doc_b = _tokens(1, 400), _tokens(2, 400)
+    owner = _req("a0", _tokens(3, 30) + doc_a + [5])
+    state.begin_step([])
+    _schedule(state, owner, 2048)                     # doc_a's chunks are indexed now
+    state.take_commands()
+    b0 = _req("b0", _tokens(4, 30) + doc_b + [5])      # fresh document, first in line
+    a1 = _req("a1", _tokens(5, 50) + doc_a + [6])      # can borrow doc_a now
+    b1 = _req("b1", _tokens(6, 50) + doc_b + [6])      # doc_b is not indexed yet
+    a2 = _req("a2", _tokens(7, 20) + doc_a + [7])
+    resumed = _req("p", _tokens(8, 100))
+    resumed.num_computed_tokens = 64                    # vLLM resumes it: keeps the front
+    assert state.reusable_now(a1) > 300 and state.reusable_now(b0) == 0
+    order = state.admission_order([resumed, b0, a1, b1, a2], lambda r: r.num_computed_tokens > 0)
+    assert [r.request_id for r in order] == ["p", "a1", "a2", "b0", "b1"]
+    assert state.bypassed == {"b0": 1, "b1": 1}
+    # vLLM's order where nothing can be reused, and with order="fcfs"
+    assert state.admission_order([b0, b1], lambda r: False) is None
+    fcfs = SequenceState(block_size=B, bytes_per_token=8, store_bytes=10**8, k=32,
+                         order="fcfs")
+    assert fcfs.admission_order([b0, a1], lambda r: False) is None
+    # a request pushed back MAX_BYPASS times goes first
+    state.bypassed["b0"] = seqmod.MAX_BYPASS
+    order = state.admission_order([a1, b1, b0], lambda r: False)
+    assert [r.request_id for r in order] == ["b0", "a1", "b1"]
+    # only the first ORDER_WINDOW requests are reordered; finishing forgets the count
+    many = [_req(f"x{i}", _tokens(100 + i, 40)) for i in range(seqmod.ORDER_WINDOW)]
+    assert state.admission_order(many + [a1], lambda r: False) is None
+    state.finish("b0")
+    assert "b0" not in state.bypassed
+    # prompt-logprob requests are never planned, so they do not jump ahead
+    a1.sampling_params.prompt_logprobs = 1
+    assert state.reusable_now(a1) == 0

@@ -132,6 +132,11 @@ class SharedCPUAttentionImpl(CPUAttentionBackendImpl):
         self.rotary = RotaryParams.from_hf_config(cfg.model_config.hf_config)
         self.inv_freq = self.rotary.inv_freq()
         self._checked = False
+        try:  # build or load the extension now, at engine start, not in the first borrow's step
+            kernels.extension()
+        except kernels.KernelUnavailable as exc:
+            logger.error("kvdedup shared attention: %s; borrower rows will use the torch "
+                         "reference", exc)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dedup-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of the run-reusing modes, repeatable: k (tokens recomputed at "
                    "the start of each reused run), tail (at its end), min_inject, store_bytes (sequence), "
-                   "eviction=frequency|lru (shared)")
+                   "eviction=frequency|lru (shared), order=reuse|fcfs (admit "
+                   "requests that can reuse a run now first, or vLLM's order)")
     s.add_argument("--print-cmd", action="store_true", help="print the raw command and exit")
     args, rest = p.parse_known_args(argv)
     try:

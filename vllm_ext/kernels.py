@@ -54,9 +54,11 @@ def build_dir() -> Path:
     return root.expanduser() / "build" / f"borrowed_attention-{digest}"
 
 
+_FAILURE: list[KernelUnavailable] = []  # a failed build is not retried in this process
+
+
 @lru_cache(maxsize=1)
-def extension():
-    """The compiled module (built once per source hash; later loads take ~0.1 s)."""
+def _load():
     from torch.utils import cpp_extension
 
     out = build_dir()
@@ -66,7 +68,16 @@ def extension():
                                   extra_cflags=CFLAGS, build_directory=str(out),
                                   verbose=False)
     except Exception as exc:  # compiler missing, bad flags, ...
-        raise KernelUnavailable(f"could not build {SOURCE.name} in {out}: {exc}") from exc
+        _FAILURE.append(KernelUnavailable(f"could not build {SOURCE.name} in {out}: {exc}"))
+        raise _FAILURE[0] from exc
+
+
+def extension():
+    """The compiled module (built once per source hash; later loads take ~0.1 s). Raises
+    ``KernelUnavailable``, at once after the first failure."""
+    if _FAILURE:
+        raise _FAILURE[0]
+    return _load()
 
 
 def borrowed_attention(query, kv_cache, output, rows, block_table, seg_ptr, segs,

@@ -13,12 +13,14 @@ imported only when an engine is built.
 * ``sequence``: ``prefix`` plus reuse of token runs stored from other requests at other
   offsets (approximate: keys re-rotated, first ``k`` tokens of each run recomputed).
   ``dedup_options``: ``k``, ``tail`` (tokens recomputed at the end of each run), ``store_bytes``,
-  ``min_inject`` (``DEDUP_OPTIONS``).
+  ``min_inject``, ``order`` ("reuse", default: waiting requests that can reuse a stored
+  run now are admitted first; or "fcfs", vLLM's order) (``DEDUP_OPTIONS``).
 * ``shared``: like ``sequence``, but a request borrows the run's KV where it already sits
   in the block pool instead of holding a copy (one physical copy for all requests);
   needs kvdedup's attention backend, installed by the general plugin when
   ``KVDEDUP_SHARED_ATTENTION=1`` (``dedup_env``: set here and by ``kvdedup serve``).
-  ``dedup_options``: ``k``, ``tail``, ``min_inject``, ``eviction`` ("frequency", default, or "lru").
+  ``dedup_options``: ``k``, ``tail``, ``min_inject``, ``eviction`` ("frequency", default, or
+  "lru"), ``order`` (as for ``sequence``).
 
 Options for evaluation and tests only: ``inject_prompt_logprobs`` and
 ``debug_collide_hashes`` (see ``vllm_ext.scheduler``).
@@ -57,14 +59,15 @@ CONNECTOR = {"kv_connector": "DedupConnector", "kv_connector_module_path": "vllm
 OWNED = ("scheduler_cls", "kv_transfer_config")
 #: Options of the run-reusing modes (``dedup_options``, ``--dedup-option KEY=VALUE``, a
 #: config's ``sequence:``) with the scheduler's defaults: tokens recomputed at the start of
-#: each reused run, the sequence store's budget in bytes, the shortest run worth reusing,
-#: shared mode's free-queue order. Integer options are >= 0; the others take a choice.
+#: each reused run, at its end, the sequence store's budget in bytes, the shortest run worth
+#: reusing, shared mode's free-queue order, the admission order of waiting requests.
+#: Integer options are >= 0; the others take a choice.
 DEDUP_OPTIONS = {"k": 32, "tail": 0, "store_bytes": 1 << 30, "min_inject": 32,
-                 "eviction": "frequency"}
-OPTION_CHOICES = {"eviction": ("frequency", "lru")}
+                 "eviction": "frequency", "order": "reuse"}
+OPTION_CHOICES = {"eviction": ("frequency", "lru"), "order": ("reuse", "fcfs")}
 #: The options each mode reads.
-MODE_OPTIONS = {"sequence": ("k", "tail", "store_bytes", "min_inject"),
-                "shared": ("k", "tail", "min_inject", "eviction")}
+MODE_OPTIONS = {"sequence": ("k", "tail", "store_bytes", "min_inject", "order"),
+                "shared": ("k", "tail", "min_inject", "eviction", "order")}
 #: Set (unless already set) wherever kvdedup starts an engine or a server: the offline
 #: ``LLM``, ``kvdedup serve``, the experiment runner and its servers. vLLM 0.32's CPU
 #: worker otherwise keeps cores away from the model: one per worker, and one more when a

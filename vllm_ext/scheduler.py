@@ -8,7 +8,9 @@ vllm_ext.scheduler.DedupScheduler`` or ``LLM(scheduler_cls=...)``):
 * ``add_request``: rehashes the request with ``dedup.hashing.block_hashes`` (salted by
   ``cache_salt``) before vLLM's ``add_request`` queues it, so every prefix lookup and
   every registered block uses kvdedup's hashes.
-* ``schedule``: notes when the step began; after vLLM allocates the step's blocks, notes
+* ``schedule``: notes when the step began; in sequence and shared mode reorders the
+  waiting queue (FCFS policy only) so that requests that can reuse a run now go first
+  (``SequenceState.admission_order``); after vLLM allocates the step's blocks, notes
   peak occupancy.
 * ``update_from_output``: after the step's finished requests free their blocks, records
   the step's ``StepStats`` and attaches it to the step's ``SchedulerStats`` as
@@ -36,6 +38,8 @@ and only token verification keeps requests apart).
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
@@ -163,6 +167,7 @@ class DedupScheduler(Scheduler):
                 if to is not None:
                     request.num_computed_tokens = to
             seq.begin_step(self.running)
+            self._reorder_waiting(seq)
         out = super().schedule(*args, **kwargs)
         self._starts[id(out)] = start
         self._step += 1
@@ -187,6 +192,18 @@ class DedupScheduler(Scheduler):
                 # flagged as having synchronous loads.
                 out.has_sync_kv_loads = True
         return out
+
+    def _reorder_waiting(self, seq: SequenceState) -> None:
+        """Reuse-aware admission order; the FCFS queue is a deque, the priority queue is
+        left alone (its order is the caller's)."""
+        if not isinstance(self.waiting, deque):
+            return
+        order = seq.admission_order(
+            list(self.waiting), lambda r: r.status == RequestStatus.PREEMPTED
+            or r.num_computed_tokens > 0)
+        if order is not None:
+            self.waiting.clear()
+            self.waiting.extend(order)
 
     def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
         kvo = getattr(model_runner_output, "kv_connector_output", None)

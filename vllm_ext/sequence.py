@@ -35,6 +35,14 @@ scheduler applies its decisions, e.g. a jump's new computed-token count).
   multi-document, where prompts hold several runs).
 * prefill chunks of the exact region end on content-defined chunk boundaries, so no
   chunk is split between two steps (capture happens at KV-write time, per step).
+* admission order (``order="reuse"``, the default): before each step the first
+  ``ORDER_WINDOW`` waiting requests are reordered so that those that can reuse at least
+  ``k + min_inject`` tokens of indexed runs *now* go first, stably (FCFS among them and
+  among the rest). Without it, under memory pressure the first occurrences of many
+  documents fill the pool and their runs are evicted before their followers are reached.
+  Requests vLLM must resume (preempted, or already partly computed) keep the front, and a
+  request pushed back ``MAX_BYPASS`` times goes to the front, so nothing starves.
+  ``order="fcfs"`` keeps vLLM's order.
 * preemption drops the request's plan; when it is admitted again it is planned afresh
   against the store (its own chunks, captured before, are reusable then).
 * requests asking for prompt logprobs are not planned (as vLLM skips prefix-cache reads
@@ -45,6 +53,7 @@ scheduler applies its decisions, e.g. a jump's new computed-token count).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +63,9 @@ from dedup.index import DedupIndex
 from dedup.planner import ChunkSource, Injection, plan_injections
 
 from .tenant import tenant_key
+
+ORDER_WINDOW = 64   # waiting requests considered for reordering each step
+MAX_BYPASS = 128    # steps a request may be pushed back before it goes first
 
 
 @dataclass
@@ -83,7 +95,12 @@ class StepCommands:
 class SequenceState:
     def __init__(self, block_size: int, bytes_per_token: int, store_bytes: int, k: int,
                  min_inject: int = 32, chunk_args: dict | None = None,
-                 inject_prompt_logprobs: bool = False, tail: int = 0) -> None:
+                 inject_prompt_logprobs: bool = False, tail: int = 0,
+                 order: str = "reuse") -> None:
+        if order not in ("reuse", "fcfs"):
+            raise ValueError(f"order must be reuse or fcfs, got {order!r}")
+        self.order = order
+        self.bypassed: dict[str, int] = {}  # waiting request -> steps it was pushed back
         self.inject_prompt_logprobs = inject_prompt_logprobs
         self.block_size = block_size
         self.bytes_per_token = bytes_per_token
@@ -147,6 +164,37 @@ class SequenceState:
                 if len(prompt) else []
             self._chunks[request.request_id] = c
         return c
+
+    def reusable_now(self, request) -> int:
+        """Tokens of a waiting request's chunks that are indexed now (0 for requests that
+        are never planned: those asking for prompt logprobs)."""
+        sp = request.sampling_params
+        if sp is not None and sp.prompt_logprobs is not None and not self.inject_prompt_logprobs:
+            return 0
+        return sum(c.end - c.start for c in self.chunks(request) if c.digest in self.index)
+
+    def admission_order(self, waiting: list, resume: Callable[[object], bool]) -> list | None:
+        """The waiting queue in reuse order (module docstring), or None if unchanged.
+        ``resume(request)``: vLLM must resume it (it keeps the front)."""
+        if self.order != "reuse" or len(waiting) < 2:
+            return None
+        head, rest = waiting[:ORDER_WINDOW], waiting[ORDER_WINDOW:]
+        need = self.k + self.min_inject
+
+        def tier(r) -> int:
+            if resume(r) or self.bypassed.get(r.request_id, 0) >= MAX_BYPASS:
+                return 0
+            return 1 if self.reusable_now(r) >= need else 2
+
+        tiers = [tier(r) for r in head]
+        order = sorted(range(len(head)), key=lambda i: tiers[i])  # stable
+        if order == list(range(len(head))):
+            return None
+        for new, old in enumerate(order):
+            if new > old:
+                rid = head[old].request_id
+                self.bypassed[rid] = self.bypassed.get(rid, 0) + 1
+        return [head[i] for i in order] + rest
 
     def begin_step(self, running) -> None:
         """Before vLLM schedules a step: claim the chunks running requests will still
@@ -302,6 +350,7 @@ class SequenceState:
         self.drop(request_id)
         self._chunks.pop(request_id, None)
         self.held_ids.discard(request_id)
+        self.bypassed.pop(request_id, None)
 
     def load_failed(self, request_id: str) -> None:
         """The worker could not inject into this request (vLLM rewinds it to recompute):

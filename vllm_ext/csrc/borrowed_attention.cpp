@@ -30,6 +30,7 @@ namespace {
 
 constexpr int QTILE = 16;  // query tokens per work item
 constexpr int MAXG = 8;    // query heads per KV head (at most), and rows per pass
+constexpr int GROUP = 4;   // spans per online-softmax update
 
 #if defined(__AVX512F__)
 constexpr int VL = 16;
@@ -127,9 +128,9 @@ struct Shape {
 // Scores of the 32 keys at slots [c0, c0 + 32) of a key tile (transposed: row d holds
 // dim d of every slot, stride B) for HG query heads at once: each key row is loaded
 // once for all heads, and NK * HG independent accumulators keep the FMA units busy.
-template <typename T, int HG>
+template <typename T, int HG, bool PF = false>
 inline void scores32(const float* const* q, const T* ktile, int B, int D, int c0,
-                     float* const* out) {
+                     float* const* out, const T* pf) {
   vf s[HG][NK];
 #pragma GCC unroll 4
   for (int h = 0; h < HG; ++h)
@@ -137,6 +138,10 @@ inline void scores32(const float* const* q, const T* ktile, int B, int D, int c0
     for (int j = 0; j < NK; ++j) s[h][j] = vf{};
   const T* k = ktile + c0;
   for (int d = 0; d < D; ++d, k += B) {
+    if constexpr (PF) {  // the same key columns of the next tile: 32 keys span 128 bytes or less
+      __builtin_prefetch(pf + static_cast<int64_t>(d) * B + c0);
+      __builtin_prefetch(pf + static_cast<int64_t>(d) * B + c0 + 16);
+    }
     vf kj[NK];
 #pragma GCC unroll 4
     for (int j = 0; j < NK; ++j) kj[j] = loadv(k + VL * j);
@@ -155,9 +160,9 @@ inline void scores32(const float* const* q, const T* ktile, int B, int D, int c0
 
 // acc[h][0..64) = alpha[h] * acc[h] + sum_t w[h][t] * V[t][ds..ds+64) for HG heads at
 // once (each value row loaded once, NV * HG independent accumulators).
-template <typename T, int HG>
+template <typename T, int HG, bool PF = false>
 inline void values64(float* const* acc, const float* alpha, const float* const* w,
-                     const T* vtile, int D, int ds, int lo, int last) {
+                     const T* vtile, int D, int ds, int lo, int last, const T* pf) {
   vf a[HG][NV];
 #pragma GCC unroll 4
   for (int h = 0; h < HG; ++h)
@@ -165,6 +170,10 @@ inline void values64(float* const* acc, const float* alpha, const float* const* 
     for (int j = 0; j < NV; ++j) a[h][j] = loadv(acc[h] + ds + VL * j) * alpha[h];
   for (int t = lo; t < last; ++t) {
     const T* v = vtile + static_cast<int64_t>(t) * D + ds;
+    if constexpr (PF) {  // value row t of the next tile, these 64 dims (256 bytes or less)
+      const T* n = pf + static_cast<int64_t>(t) * D + ds;
+      for (int c = 0; c < 64; c += 16) __builtin_prefetch(n + c);
+    }
     vf vj[NV];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) vj[j] = loadv(v + VL * j);
@@ -181,59 +190,82 @@ inline void values64(float* const* acc, const float* alpha, const float* const* 
     for (int j = 0; j < NV; ++j) storev(acc[h] + ds + VL * j, a[h][j]);
 }
 
+// The first head group prefetches the next tile (`pf`, nullable); a compile-time flag, so
+// calls without one carry no test in their inner loop.
+template <typename T, int HG>
+inline void scores32p(const float* const* q, const T* ktile, int B, int D, int c0,
+                      float* const* out, const T* pf) {
+  if (pf) return scores32<T, HG, true>(q, ktile, B, D, c0, out, pf);
+  scores32<T, HG, false>(q, ktile, B, D, c0, out, nullptr);
+}
+
 template <typename T>
 void scores_all(const float* const* q, const T* ktile, int B, int D, int c0, int G,
-                float* const* out) {
+                float* const* out, const T* pf) {
   int h = 0;
   if constexpr (VL == 16)  // 16 accumulators + 2 key vectors fit AVX-512's 32 registers
-    for (; h + 8 <= G; h += 8) scores32<T, 8>(q + h, ktile, B, D, c0, out + h);
-  for (; h + 4 <= G; h += 4) scores32<T, 4>(q + h, ktile, B, D, c0, out + h);
+    for (; h + 8 <= G; h += 8, pf = nullptr)
+      scores32p<T, 8>(q + h, ktile, B, D, c0, out + h, pf);
+  for (; h + 4 <= G; h += 4, pf = nullptr) scores32p<T, 4>(q + h, ktile, B, D, c0, out + h, pf);
   switch (G - h) {
-    case 3: return scores32<T, 3>(q + h, ktile, B, D, c0, out + h);
-    case 2: return scores32<T, 2>(q + h, ktile, B, D, c0, out + h);
-    case 1: return scores32<T, 1>(q + h, ktile, B, D, c0, out + h);
+    case 3: return scores32p<T, 3>(q + h, ktile, B, D, c0, out + h, pf);
+    case 2: return scores32p<T, 2>(q + h, ktile, B, D, c0, out + h, pf);
+    case 1: return scores32p<T, 1>(q + h, ktile, B, D, c0, out + h, pf);
     default: return;
   }
 }
 
+template <typename T, int HG>
+inline void values64p(float* const* acc, const float* alpha, const float* const* w,
+                      const T* vtile, int D, int ds, int lo, int last, const T* pf) {
+  if (pf) return values64<T, HG, true>(acc, alpha, w, vtile, D, ds, lo, last, pf);
+  values64<T, HG, false>(acc, alpha, w, vtile, D, ds, lo, last, nullptr);
+}
+
+// `pf` (nullable): the next tile's values, prefetched while these are read
 template <typename T>
 void values_all(float* const* acc, const float* alpha, const float* const* w,
-                const T* vtile, int D, int lo, int last, int G) {
+                const T* vtile, int D, int lo, int last, int G, const T* pf) {
   // heads per pass: as many as the vector registers hold (AVX-512: 32, AVX2: 16)
   constexpr int HV = VL == 16 ? 4 : 2;
   for (int ds = 0; ds < D; ds += 64) {
     int h = 0;
-    for (; h + HV <= G; h += HV)
-      values64<T, HV>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last);
+    const T* p = pf;
+    for (; h + HV <= G; h += HV, p = nullptr)
+      values64p<T, HV>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last, p);
     switch (G - h) {
-      case 3: values64<T, 3>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last); break;
-      case 2: values64<T, 2>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last); break;
-      case 1: values64<T, 1>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last); break;
+      case 3: values64p<T, 3>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last, p); break;
+      case 2: values64p<T, 2>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last, p); break;
+      case 1: values64p<T, 1>(acc + h, alpha + h, w + h, vtile, D, ds, lo, last, p); break;
       default: break;
     }
   }
 }
 
 // One work item: queries [q0, q1) of a row, the G query heads of KV head g.
+// Consecutive spans that every query of the tile sees whole, and that share a rotation
+// (same segment, or own blocks), are taken GROUP at a time: one online-softmax update
+// (max, rescale) per group instead of per block.
 template <typename T>
 void attend_item(const T* query, const T* kv, T* output, const Span* spans, int n_spans,
                  const int32_t* segs, const double* inv_freq, int q_start, int q0, int q1,
                  int seq_len, int q_len, int g, const Shape& sh) {
   const int B = sh.B, D = sh.D, G = sh.G, half = D / 2, Qt = q1 - q0, R = Qt * G;
+  const int W = GROUP * B;  // score columns per row
   const int64_t tile = static_cast<int64_t>(B) * 2 * D;
-  std::vector<float> buf(static_cast<size_t>(R) * D * 3 + static_cast<size_t>(MAXG) * B + D);
+  std::vector<float> buf(static_cast<size_t>(R) * D * 3 + static_cast<size_t>(MAXG) * W + D);
   float* q = buf.data();          // [Qt][G][D] scaled queries
   float* qr = q + R * D;          // the same, rotated for the current segment
   float* acc = qr + R * D;        // [Qt][G][D] unnormalized outputs
-  float* sc = acc + R * D;        // [MAXG][B] scores, then weights, of one span
-  float* cs = sc + G * B;         // [D] cos | sin of the current segment
+  float* sc = acc + R * D;        // [MAXG][GROUP * B] scores, then weights, of a group
+  float* cs = sc + MAXG * W;      // [D] cos | sin of the current segment
   std::fill(acc, acc + R * D, 0.0f);
-  float m[QTILE * MAXG], l[QTILE * MAXG], alpha[MAXG];
+  float m[QTILE * MAXG], l[QTILE * MAXG], alpha[MAXG], ones[MAXG];
   const float* qp[MAXG];
-  float *sp_[MAXG], *ap[MAXG];
+  float *wp[MAXG], *ap[MAXG];
   std::fill(m, m + R, -INFINITY);
   std::fill(l, l + R, 0.0f);
-  for (int h = 0; h < MAXG; ++h) sp_[h] = sc + h * B;
+  std::fill(ones, ones + MAXG, 1.0f);
   for (int i = 0; i < Qt; ++i)
     for (int h = 0; h < G; ++h) {
       const T* src = query + (static_cast<int64_t>(q_start + q0 + i) * sh.Hq + g * G + h) * D;
@@ -242,71 +274,115 @@ void attend_item(const T* query, const T* kv, T* output, const Span* spans, int 
     }
   const int qpos0 = seq_len - q_len + q0;  // logical position of the tile's first query
   int cur_seg = -2;
-  for (int si = 0; si < n_spans; ++si) {
-    const Span& sp = spans[si];
-    if (sp.pos > qpos0 + Qt - 1) break;  // every later key is after every query
-    const float* qs = q;
-    if (sp.seg >= 0) {
-      if (sp.seg != cur_seg) {  // rotate the tile's queries by -delta for this segment
-        const double delta = segs[sp.seg * 5 + 2];
-        for (int i = 0; i < half; ++i) {
-          cs[i] = static_cast<float>(std::cos(delta * inv_freq[i]));
-          cs[half + i] = static_cast<float>(std::sin(delta * inv_freq[i]));
-        }
-        for (int r = 0; r < R; ++r) {
-          const float* x = q + r * D;
-          float* y = qr + r * D;
-          for (int i = 0; i < half; ++i) {
-            y[i] = x[i] * cs[i] + x[half + i] * cs[half + i];
-            y[half + i] = x[half + i] * cs[i] - x[i] * cs[half + i];
-          }
-        }
-        cur_seg = sp.seg;
-      }
-      qs = qr;
-    }
-    const T* kbase = kv + (static_cast<int64_t>(sp.block) * sh.Hkv + g) * tile;
-    const T* vbase = kbase + static_cast<int64_t>(B) * D;
-    const int lo = sp.off, hi = sp.off + sp.n;
-    // rows [r0, r0 + nr) of the tile (row r = query r / G, head r % G) read slots
-    // [lo, last): scores, online-softmax update, values
-    auto attend_rows = [&](int r0, int nr, int last) {
-      for (int j = 0; j < nr; ++j) qp[j] = qs + (r0 + j) * D;
-      const int c_lo = lo / 32 * 32, c_hi = (last + 31) / 32 * 32;
-      for (int c0 = c_lo; c0 < c_hi; c0 += 32) scores_all(qp, kbase, B, D, c0, nr, sp_);
+  // rows [r0, r0 + nr) of the tile (row r = query r / G, head r % G) read spans
+  // grp[0..ng), span j's slots [lo_j, last[j]) landing in score columns j * B + slot:
+  // scores, one online-softmax update, values
+  auto tile_of = [&](const Span* x) -> const T* {
+    return x ? kv + (static_cast<int64_t>(x->block) * sh.Hkv + g) * tile : nullptr;
+  };
+  // `after`: the span read after this group (its tiles are prefetched), or null
+  auto attend_rows = [&](const float* qs, int r0, int nr, const Span* grp, int ng,
+                         const int* last, const Span* after) {
+    for (int j = 0; j < nr; ++j) qp[j] = qs + (r0 + j) * D;
+    for (int s = 0; s < ng; ++s) {
+      const T* kbase = kv + (static_cast<int64_t>(grp[s].block) * sh.Hkv + g) * tile;
+      const int c_lo = grp[s].off / 32 * 32, c_hi = (last[s] + 31) / 32 * 32;
+      for (int j = 0; j < nr; ++j) wp[j] = sc + j * W + s * B;
+      const T* pf = R <= MAXG ? tile_of(s + 1 < ng ? grp + s + 1 : after) : nullptr;
+      for (int c0 = c_lo; c0 < c_hi; c0 += 32) scores_all(qp, kbase, B, D, c0, nr, wp, pf);
       for (int j = 0; j < nr; ++j) {
-        float* w = sp_[j];
-        for (int t = c_lo; t < lo; ++t) w[t] = -INFINITY;
-        for (int t = last; t < c_hi; ++t) w[t] = -INFINITY;
-        float smax = -INFINITY;
-        for (int t = lo; t < last; ++t) smax = std::max(smax, w[t]);
-        const int r = r0 + j;
-        const float mnew = std::max(m[r], smax);
-        alpha[j] = std::exp(m[r] - mnew);
-        vf psum = vf{};
-        for (int c = c_lo; c < c_hi; c += VL) {
+        for (int t = c_lo; t < grp[s].off; ++t) wp[j][t] = -INFINITY;
+        for (int t = last[s]; t < c_hi; ++t) wp[j][t] = -INFINITY;
+      }
+    }
+    for (int j = 0; j < nr; ++j) {
+      float* w = sc + j * W;
+      vf vmax = vf{} - INFINITY;
+      for (int s = 0; s < ng; ++s) {
+        const int c_lo = grp[s].off / 32 * 32, c_hi = (last[s] + 31) / 32 * 32;
+        for (int c = s * B + c_lo; c < s * B + c_hi; c += VL) {
+          const vf x = loadv(w + c);
+          vmax = x > vmax ? x : vmax;
+        }
+      }
+      float smax = -INFINITY;
+      for (int k = 0; k < VL; ++k) smax = std::max(smax, vmax[k]);
+      const int r = r0 + j;
+      const float mnew = std::max(m[r], smax);
+      alpha[j] = std::exp(m[r] - mnew);
+      vf psum = vf{};
+      for (int s = 0; s < ng; ++s) {
+        const int c_lo = grp[s].off / 32 * 32, c_hi = (last[s] + 31) / 32 * 32;
+        for (int c = s * B + c_lo; c < s * B + c_hi; c += VL) {
           const vf e = expv(loadv(w + c) - mnew);
           storev(w + c, e);
           psum += e;
         }
-        float ps = 0.0f;
-        for (int k = 0; k < VL; ++k) ps += psum[k];
-        l[r] = l[r] * alpha[j] + ps;
-        m[r] = mnew;
-        ap[j] = acc + r * D;
       }
-      values_all(ap, alpha, sp_, vbase, D, lo, last, nr);
-    };
+      float ps = 0.0f;
+      for (int k = 0; k < VL; ++k) ps += psum[k];
+      l[r] = l[r] * alpha[j] + ps;
+      m[r] = mnew;
+      ap[j] = acc + r * D;
+    }
+    for (int s = 0; s < ng; ++s) {
+      const T* vbase = kv + (static_cast<int64_t>(grp[s].block) * sh.Hkv + g) * tile +
+                       static_cast<int64_t>(B) * D;
+      for (int j = 0; j < nr; ++j) wp[j] = sc + j * W + s * B;
+      const T* pf = R <= MAXG ? tile_of(s + 1 < ng ? grp + s + 1 : after) : nullptr;
+      values_all(ap, s == 0 ? alpha : ones, wp, vbase, D, grp[s].off, last[s], nr,
+                 pf ? pf + static_cast<int64_t>(B) * D : nullptr);
+    }
+  };
+  auto rotation = [&](int seg) -> const float* {  // the tile's queries for a span
+    if (seg < 0) return q;
+    if (seg != cur_seg) {  // rotate the tile's queries by -delta for this segment
+      const double delta = segs[seg * 5 + 2];
+      for (int i = 0; i < half; ++i) {
+        cs[i] = static_cast<float>(std::cos(delta * inv_freq[i]));
+        cs[half + i] = static_cast<float>(std::sin(delta * inv_freq[i]));
+      }
+      for (int r = 0; r < R; ++r) {
+        const float* x = q + r * D;
+        float* y = qr + r * D;
+        for (int i = 0; i < half; ++i) {
+          y[i] = x[i] * cs[i] + x[half + i] * cs[half + i];
+          y[half + i] = x[half + i] * cs[i] - x[i] * cs[half + i];
+        }
+      }
+      cur_seg = seg;
+    }
+    return qr;
+  };
+  int last[GROUP];
+  for (int si = 0; si < n_spans;) {
+    const Span& sp = spans[si];
+    if (sp.pos > qpos0 + Qt - 1) break;  // every later key is after every query
+    const float* qs = rotation(sp.seg);
     if (sp.pos + sp.n - 1 <= qpos0) {
-      // every query of the tile sees the whole span: up to MAXG rows per pass, so each
-      // key and value row loaded serves several queries
-      for (int r0 = 0; r0 < R; r0 += MAXG) attend_rows(r0, std::min(MAXG, R - r0), hi);
+      // every query of the tile sees the whole span, and maybe the next ones: up to
+      // GROUP spans at once, up to MAXG rows per pass (each key and value row loaded
+      // serves several queries)
+      int ng = 0;
+      while (ng < GROUP && si + ng < n_spans && spans[si + ng].seg == sp.seg &&
+             spans[si + ng].pos + spans[si + ng].n - 1 <= qpos0) {
+        last[ng] = spans[si + ng].off + spans[si + ng].n;
+        ++ng;
+      }
+      // prefetch the next tiles only when one pass reads them (decode-sized tiles); a
+      // longer tile reads each span several times and finds it in cache
+      const Span* after = si + ng < n_spans && R <= MAXG ? spans + si + ng : nullptr;
+      for (int r0 = 0; r0 < R; r0 += MAXG)
+        attend_rows(qs, r0, std::min(MAXG, R - r0), spans + si, ng, last, after);
+      si += ng;
     } else {
       for (int i = 0; i < Qt; ++i) {
-        // slot t holds the key at position sp.pos + t - lo; query i is at qpos0 + i
-        const int last = std::min(hi, lo + (qpos0 + i - sp.pos) + 1);
-        if (last > lo) attend_rows(i * G, G, last);
+        // slot t holds the key at position sp.pos + t - off; query i is at qpos0 + i
+        last[0] = std::min(sp.off + sp.n, sp.off + (qpos0 + i - sp.pos) + 1);
+        if (last[0] > sp.off)
+          attend_rows(qs, i * G, G, &sp, 1, last, nullptr);
       }
+      ++si;
     }
   }
   for (int i = 0; i < Qt; ++i)
