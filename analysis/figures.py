@@ -38,6 +38,9 @@ ARM_STYLE = {
     "vllm-apc": {"color": "#1f77b4", "marker": "o", "label": "vLLM + APC"},
     "prefix": {"color": "#ff7f0e", "marker": "^", "label": "kvdedup prefix"},
     "sequence": {"color": "#2ca02c", "marker": "D", "label": "kvdedup sequence"},
+    "shared": {"color": "#d62728", "marker": "*", "label": "kvdedup shared"},
+    "shared-lru": {"color": "#9467bd", "marker": "v", "label": "shared, LRU eviction"},
+    "shared-fcfs": {"color": "#8c564b", "marker": "P", "label": "shared, FCFS admission"},
 }
 _CDF_POINTS = 400
 _MAX_CDF_COLUMNS = 4

@@ -402,3 +402,12 @@ def test_checklist_fails_a_cell_without_the_baseline():
     rs = SimpleNamespace(ok_runs=[run], runs=[run], failed_runs=[], workloads={})
     first = evaluation_checklist(rs, set())[0]
     assert not first.ok and "lacks vllm-apc" in first.detail
+
+
+def test_every_arm_has_its_own_figure_style():
+    from analysis.figures import ARM_STYLE
+    from experiments.schema import ARMS
+
+    assert set(ARMS) <= set(ARM_STYLE)
+    styles = [(ARM_STYLE[a]["color"], ARM_STYLE[a]["marker"]) for a in ARMS]
+    assert len(set(styles)) == len(styles)
