@@ -134,3 +134,31 @@ def test_reuse_order_puts_requests_that_can_reuse_now_first_and_nothing_starves(
     # prompt-logprob requests are never planned, so they do not jump ahead
     a1.sampling_params.prompt_logprobs = 1
     assert state.reusable_now(a1) == 0
+
+
+def test_scheduler_rewrites_only_the_window_of_vllms_fcfs_queue():
+    from types import SimpleNamespace
+
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+    from vllm.v1.request import RequestStatus
+
+    from vllm_ext import sequence as seqmod
+    from vllm_ext.scheduler import DedupScheduler
+
+    state = SequenceState(block_size=B, bytes_per_token=8, store_bytes=10**8, k=32)
+    doc = _tokens(1, 400)
+    owner = _req("a0", _tokens(3, 30) + doc + [5])
+    state.begin_step([])
+    _schedule(state, owner, 2048)
+    state.take_commands()
+    fresh = [_req(f"x{i}", _tokens(100 + i, 40)) for i in range(seqmod.ORDER_WINDOW - 1)]
+    follower = _req("a1", _tokens(5, 50) + doc + [6])
+    tail = [_req(f"t{i}", _tokens(200 + i, 40)) for i in range(3)]
+    for r in fresh + [follower] + tail:
+        r.status = RequestStatus.WAITING
+    queue = FCFSRequestQueue(fresh + [follower] + tail)
+    sched = SimpleNamespace(waiting=queue)
+    DedupScheduler._reorder_waiting(sched, state)
+    assert sched.waiting is queue                      # rewritten in place
+    assert [r.request_id for r in queue] == \
+        ["a1"] + [r.request_id for r in fresh] + [r.request_id for r in tail]

@@ -40,6 +40,7 @@ and only token verification keeps requests apart).
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
@@ -48,7 +49,7 @@ from .hasher import adopt_request, make_request_block_hasher
 from .kv_manager import VerifiedKVCacheManager
 from .launch import DEDUP_MODES, DEDUP_OPTIONS, MODE_OPTIONS, SHARED_ENV, check_options
 from .metrics import StepRecorder, StepStats
-from .sequence import SequenceState
+from .sequence import ORDER_WINDOW, SequenceState
 from .shared import SharedState
 from .version import check_vllm_version
 
@@ -198,12 +199,13 @@ class DedupScheduler(Scheduler):
         left alone (its order is the caller's)."""
         if not isinstance(self.waiting, deque):
             return
+        head = list(islice(self.waiting, ORDER_WINDOW))  # only the window is reordered
         order = seq.admission_order(
-            list(self.waiting), lambda r: r.status == RequestStatus.PREEMPTED
-            or r.num_computed_tokens > 0)
+            head, lambda r: r.status == RequestStatus.PREEMPTED or r.num_computed_tokens > 0)
         if order is not None:
-            self.waiting.clear()
-            self.waiting.extend(order)
+            for _ in head:
+                self.waiting.popleft()
+            self.waiting.extendleft(reversed(order))
 
     def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
         kvo = getattr(model_runner_output, "kv_connector_output", None)

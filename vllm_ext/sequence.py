@@ -132,13 +132,17 @@ class SequenceState:
             p = self.plans[request.request_id] = self._new_plan(request, start)
         return p
 
-    def _injections(self, request, start: int) -> list[Injection]:
-        """The runs a new request could reuse (none when it asks for prompt logprobs,
-        unless ``inject_prompt_logprobs``)."""
-        prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
+    def _may_reuse(self, request) -> bool:
+        """False for requests that are never planned: those asking for prompt logprobs
+        (unless ``inject_prompt_logprobs``)."""
         sp = request.sampling_params
-        if sp is not None and sp.prompt_logprobs is not None and not self.inject_prompt_logprobs:
+        return sp is None or sp.prompt_logprobs is None or self.inject_prompt_logprobs
+
+    def _injections(self, request, start: int) -> list[Injection]:
+        """The runs a new request could reuse (none unless ``_may_reuse``)."""
+        if not self._may_reuse(request):
             return []
+        prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
         return plan_injections(prompt, self.chunks(request), self.index, start=start,
                                max_end=len(prompt) - 1, k=self.k, min_inject=self.min_inject,
                                tail=self.tail)
@@ -166,10 +170,9 @@ class SequenceState:
         return c
 
     def reusable_now(self, request) -> int:
-        """Tokens of a waiting request's chunks that are indexed now (0 for requests that
-        are never planned: those asking for prompt logprobs)."""
-        sp = request.sampling_params
-        if sp is not None and sp.prompt_logprobs is not None and not self.inject_prompt_logprobs:
+        """Tokens of a waiting request's chunks that are indexed now (0 unless
+        ``_may_reuse``)."""
+        if not self._may_reuse(request):
             return 0
         return sum(c.end - c.start for c in self.chunks(request) if c.digest in self.index)
 

@@ -283,55 +283,56 @@ void attend_item(const T* query, const T* kv, T* output, const Span* spans, int 
   // `after`: the span read after this group (its tiles are prefetched), or null
   auto attend_rows = [&](const float* qs, int r0, int nr, const Span* grp, int ng,
                          const int* last, const Span* after) {
+    const T* kt[GROUP];  // per span: its key tile, the next tile to prefetch (or null),
+    const T* pf[GROUP];  // and its score columns [c_lo, c_hi), whole 32-key tiles
+    int c_lo[GROUP], c_hi[GROUP];
+    for (int s = 0; s < ng; ++s) {
+      kt[s] = tile_of(grp + s);
+      pf[s] = R <= MAXG ? tile_of(s + 1 < ng ? grp + s + 1 : after) : nullptr;
+      c_lo[s] = grp[s].off / 32 * 32;
+      c_hi[s] = (last[s] + 31) / 32 * 32;
+    }
     for (int j = 0; j < nr; ++j) qp[j] = qs + (r0 + j) * D;
     for (int s = 0; s < ng; ++s) {
-      const T* kbase = kv + (static_cast<int64_t>(grp[s].block) * sh.Hkv + g) * tile;
-      const int c_lo = grp[s].off / 32 * 32, c_hi = (last[s] + 31) / 32 * 32;
       for (int j = 0; j < nr; ++j) wp[j] = sc + j * W + s * B;
-      const T* pf = R <= MAXG ? tile_of(s + 1 < ng ? grp + s + 1 : after) : nullptr;
-      for (int c0 = c_lo; c0 < c_hi; c0 += 32) scores_all(qp, kbase, B, D, c0, nr, wp, pf);
+      for (int c0 = c_lo[s]; c0 < c_hi[s]; c0 += 32)
+        scores_all(qp, kt[s], B, D, c0, nr, wp, pf[s]);
       for (int j = 0; j < nr; ++j) {
-        for (int t = c_lo; t < grp[s].off; ++t) wp[j][t] = -INFINITY;
-        for (int t = last[s]; t < c_hi; ++t) wp[j][t] = -INFINITY;
+        for (int t = c_lo[s]; t < grp[s].off; ++t) wp[j][t] = -INFINITY;
+        for (int t = last[s]; t < c_hi[s]; ++t) wp[j][t] = -INFINITY;
       }
     }
     for (int j = 0; j < nr; ++j) {
       float* w = sc + j * W;
       vf vmax = vf{} - INFINITY;
-      for (int s = 0; s < ng; ++s) {
-        const int c_lo = grp[s].off / 32 * 32, c_hi = (last[s] + 31) / 32 * 32;
-        for (int c = s * B + c_lo; c < s * B + c_hi; c += VL) {
+      for (int s = 0; s < ng; ++s)
+        for (int c = s * B + c_lo[s]; c < s * B + c_hi[s]; c += VL) {
           const vf x = loadv(w + c);
           vmax = x > vmax ? x : vmax;
         }
-      }
       float smax = -INFINITY;
       for (int k = 0; k < VL; ++k) smax = std::max(smax, vmax[k]);
       const int r = r0 + j;
       const float mnew = std::max(m[r], smax);
       alpha[j] = std::exp(m[r] - mnew);
       vf psum = vf{};
-      for (int s = 0; s < ng; ++s) {
-        const int c_lo = grp[s].off / 32 * 32, c_hi = (last[s] + 31) / 32 * 32;
-        for (int c = s * B + c_lo; c < s * B + c_hi; c += VL) {
+      for (int s = 0; s < ng; ++s)
+        for (int c = s * B + c_lo[s]; c < s * B + c_hi[s]; c += VL) {
           const vf e = expv(loadv(w + c) - mnew);
           storev(w + c, e);
           psum += e;
         }
-      }
       float ps = 0.0f;
       for (int k = 0; k < VL; ++k) ps += psum[k];
       l[r] = l[r] * alpha[j] + ps;
       m[r] = mnew;
       ap[j] = acc + r * D;
     }
+    const int64_t vo = static_cast<int64_t>(B) * D;  // values follow the keys in a tile
     for (int s = 0; s < ng; ++s) {
-      const T* vbase = kv + (static_cast<int64_t>(grp[s].block) * sh.Hkv + g) * tile +
-                       static_cast<int64_t>(B) * D;
       for (int j = 0; j < nr; ++j) wp[j] = sc + j * W + s * B;
-      const T* pf = R <= MAXG ? tile_of(s + 1 < ng ? grp + s + 1 : after) : nullptr;
-      values_all(ap, s == 0 ? alpha : ones, wp, vbase, D, grp[s].off, last[s], nr,
-                 pf ? pf + static_cast<int64_t>(B) * D : nullptr);
+      values_all(ap, s == 0 ? alpha : ones, wp, kt[s] + vo, D, grp[s].off, last[s], nr,
+                 pf[s] ? pf[s] + vo : nullptr);
     }
   };
   auto rotation = [&](int seg) -> const float* {  // the tile's queries for a span
