@@ -43,7 +43,8 @@ def test_one_option_whitelist_for_cli_and_configs():
     assert parse_options([f"{k}=1" for k in ints] + ["eviction=lru"]) == \
         {**dict.fromkeys(ints, 1), "eviction": "lru"}
     assert check_options({"k": 0}) == {"k": 0}
-    for bad in (["bogus=1"], ["k=x"], ["eviction=fifo"]):
+    assert parse_options(["order=fcfs"]) == {"order": "fcfs"}
+    for bad in (["bogus=1"], ["k=x"], ["eviction=fifo"], ["order=lifo"]):
         with pytest.raises(ValueError):
             parse_options(bad)
     with pytest.raises(ConfigError, match="unknown sequence option"):
