@@ -7,12 +7,16 @@ times, interleaved call by call:
 * ``stock``: ``vllm._C.cpu_attention_with_kv_cache`` over each row's own block table;
 * ``borrowed``: kvdedup's kernel with the same keys read through borrowed segments
   (``--borrowed`` of each row's tokens, at a misaligned source offset and a position
-  delta, the rest from the row's own blocks).
+  delta, the rest from the row's own blocks);
+* ``dense`` (prefill only; the engine uses it for rows of at least
+  ``vllm_ext.dense.MIN_QUERY_TOKENS`` query tokens): each row's context copied into
+  scratch blocks, borrowed keys re-rotated, then vLLM's kernel over the scratch.
 
-Both read the same number of keys, so the ratio is the kernel's cost of borrowing. It
-prints decode (1 query token per row) and prefill (``--prefill`` query tokens per row)
-medians with min-max over ``--reps`` and the ratio stock/borrowed (>= 1 means the
-borrowed kernel is at least as fast), and writes them as JSON with ``--out``.
+All read the same number of keys, so the ratio is the cost of borrowing. It prints
+decode (1 query token per row) and prefill (``--prefill`` query tokens per row) medians
+with min-max over ``--reps`` and each arm's speed relative to stock (stock time / arm
+time per interleaved rep; >= 1 means at least as fast), and writes them as JSON with
+``--out``.
 
     python -m experiments.kernel_bench --rows 32 --seq-len 1100 --reps 30
 """
@@ -66,15 +70,18 @@ def build_case(rows: int, seq_len: int, q_len: int, borrowed: float, hq: int, hk
                 scale=d ** -0.5, bs=bs)
 
 
-def time_pair(c, reps: int) -> dict:
+def time_arms(c, reps: int, dense: bool) -> dict:
+    """Each arm's median and min-max, and each arm's speed relative to ``stock`` (per
+    interleaved rep: stock time / arm time)."""
     from vllm import _custom_ops as ops
 
+    from vllm_ext.dense import DenseRows
     from vllm_ext.kernels import borrowed_attention
 
     kv = c["kv"]
     nb, hkv, bs, d2 = kv.shape
     kc, vc = kv.view(nb, hkv, 2 * bs, d2 // 2).chunk(2, dim=2)
-    out_s, out_b = torch.empty_like(c["query"]), torch.empty_like(c["query"])
+    out_s, out_b, out_d = (torch.empty_like(c["query"]) for _ in range(3))
 
     def stock():
         ops.cpu_attention_with_kv_cache(
@@ -87,20 +94,33 @@ def time_pair(c, reps: int) -> dict:
         borrowed_attention(c["query"], kv, out_b, c["rows"], c["own"], c["seg_ptr"],
                            c["segs"], c["src_blocks"], c["inv_freq"], c["scale"])
 
-    for f in (stock, borrowed):
+    arms = {"stock": stock, "borrowed": borrowed}
+    if dense:  # set up once per step in the engine; the per-layer work is timed
+        rows = DenseRows(c["rows"], c["seg_ptr"], c["segs"], c["src_blocks"], tuple(kv.shape),
+                         kv.dtype, c["query"].shape[1], "vec")
+        arms["dense"] = lambda: rows(c["query"], kv, c["own"], out_d, c["inv_freq"],
+                                     c["scale"])
+    for f in arms.values():
         f()
-    ts, tb = [], []
+    times = {name: [] for name in arms}
     for _ in range(reps):
-        for f, acc in ((stock, ts), (borrowed, tb)):
+        for name, f in arms.items():
             t0 = time.perf_counter()
             f()
-            acc.append(time.perf_counter() - t0)
-    ratios = sorted(s / b for s, b in zip(ts, tb))
+            times[name].append(time.perf_counter() - t0)
     summ = lambda xs: {"median_ms": 1e3 * statistics.median(xs), "min_ms": 1e3 * min(xs),
                        "max_ms": 1e3 * max(xs)}
-    return {"stock": summ(ts), "borrowed": summ(tb),
-            "ratio_median": statistics.median(ratios), "ratio_min": ratios[0],
-            "ratio_max": ratios[-1]}
+    res = {name: summ(ts) for name, ts in times.items()}
+    for name in arms:
+        if name != "stock":
+            ratios = sorted(s / b for s, b in zip(times["stock"], times[name]))
+            res[name].update(ratio_median=statistics.median(ratios), ratio_min=ratios[0],
+                             ratio_max=ratios[-1])
+    return res
+
+
+def _ms(x: dict) -> str:
+    return f"{x['median_ms']:7.2f} ms [{x['min_ms']:.2f}-{x['max_ms']:.2f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,12 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, q_len in (("decode", 1), ("prefill", a.prefill)):
         case = build_case(a.rows, a.seq_len, q_len, a.borrowed, *a.heads, a.head_dim,
                           a.block_size, dtype)
-        res[name] = r = time_pair(case, a.reps)
-        print(f"{name:8s} stock {r['stock']['median_ms']:8.2f} ms "
-              f"[{r['stock']['min_ms']:.2f}-{r['stock']['max_ms']:.2f}]   borrowed "
-              f"{r['borrowed']['median_ms']:8.2f} ms [{r['borrowed']['min_ms']:.2f}-"
-              f"{r['borrowed']['max_ms']:.2f}]   speed vs stock {r['ratio_median']:.2f}x "
-              f"[{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]")
+        res[name] = r = time_arms(case, a.reps, dense=q_len > 1)
+        line = f"{name:8s} stock {_ms(r['stock'])}"
+        for arm in ("borrowed", "dense"):
+            if arm in r:
+                x = r[arm]
+                line += (f"   {arm} {_ms(x)} = {x['ratio_median']:.2f}x stock "
+                         f"[{x['ratio_min']:.2f}-{x['ratio_max']:.2f}]")
+        print(line)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=2))

@@ -45,6 +45,8 @@ P, D = _tokens(1, 40), _tokens(2, 400)
 A = P + D + _tokens(4, 10)
 SAME_CONTEXT = [P + D + _tokens(10 + i, 12) for i in range(6)]
 MIXED = [_tokens(60, 300), _tokens(61, 120)]          # share nothing with A
+LONG_TAIL = P + D + _tokens(90, 200)   # borrows D, then computes 200 tokens in one row
+SHIFTED = _tokens(91, 23) + D + _tokens(92, 200)     # borrows D 17 positions earlier
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def reference(engines):
     """Greedy outputs of stock vLLM (APC off) for every prompt the exact tests use."""
     llm = engines.get("stock-noapc", **TINY, num_gpu_blocks_override=80, dedup="off",
                       enable_prefix_caching=False)
-    prompts = [A, *SAME_CONTEXT, *MIXED]
+    prompts = [A, *SAME_CONTEXT, *MIXED, LONG_TAIL]
     return {tuple(p): o for p, o in zip(prompts, _greedy(llm, prompts, max_tokens=48))}
 
 
@@ -123,6 +125,27 @@ def test_borrowers_and_plain_requests_in_one_batch(engines, reference):
     prompts = [MIXED[0], SAME_CONTEXT[2], MIXED[1], SAME_CONTEXT[3]]
     outs = _greedy(llm, prompts, max_tokens=48)
     assert outs == [reference[tuple(p)] for p in prompts]
+
+
+def test_prefill_sized_borrower_rows_through_vllms_kernel(engines, reference, monkeypatch):
+    """Borrower rows with many query tokens run vLLM's kernel over a scratch copy of
+    their context, borrowed keys re-rotated (``vllm_ext.dense``). With the threshold at 1
+    every borrower row, decode rows too, takes that path: outputs from an identical
+    context stay those of full prefill, and a run borrowed 17 positions earlier (delta
+    != 0, misaligned) gives what the borrowed kernel gives."""
+    prompts = [SHIFTED, LONG_TAIL, SAME_CONTEXT[4], MIXED[0]]
+    outs = {}
+    for min_q in ("1000000", "1"):
+        monkeypatch.setenv("KVDEDUP_DENSE_MIN_QUERY_TOKENS", min_q)
+        llm = engines.get(f"shared-k0-dense-{min_q}", **TINY, num_gpu_blocks_override=80,
+                          dedup="shared", enable_prefix_caching=False,
+                          dedup_options={"k": 0})
+        _greedy(llm, [A], max_tokens=1)
+        s0 = _stats(llm)
+        outs[min_q] = _greedy(llm, prompts, max_tokens=48)
+        assert _delta(_stats(llm), s0, "borrowed_runs") >= 3
+    assert outs["1"][1:] == [reference[tuple(p)] for p in prompts[1:]]
+    assert outs["1"] == outs["1000000"]
 
 
 def test_preemption_of_borrowers_completes_exactly_and_leaks_nothing(engines, reference):

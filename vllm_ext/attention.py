@@ -15,9 +15,11 @@ batch row after vLLM's reordering, with no request id) and its segments.
 Per step (computed at the first layer, reused by all):
 * rows with no borrow run the stock kernel (``ops.cpu_attention_with_kv_cache``),
   as one sub-batch; a step with no borrower calls the stock ``forward`` unchanged;
-* borrower rows run ``kernels.borrowed_attention`` (own blocks + segments, the query
-  rotated by ``-delta`` per segment). If the C++ kernel fails, the torch oracle computes
-  the rows instead; the fault is logged and counted (``FAULTS``).
+* borrower rows with few query tokens (decode) run ``kernels.borrowed_attention`` (own
+  blocks + segments, the query rotated by ``-delta`` per segment); those with many
+  (prefill) run vLLM's kernel over a scratch copy of their context with the borrowed keys
+  re-rotated (``vllm_ext.dense``). If either fails, the torch oracle computes the rows
+  instead; the fault is logged and counted (``FAULTS``).
 A row whose table holds a placeholder but that has no borrow cannot be computed
 correctly; it is logged and counted as a fault (``missing_borrow``), never silently used.
 """
@@ -34,7 +36,7 @@ from vllm import envs
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from . import kernels
+from . import dense, kernels
 from .rope import RotaryParams
 from .version import check_vllm_version
 
@@ -46,7 +48,8 @@ CLASS_PATH = "vllm_ext.attention.SharedCPUAttentionBackend"
 
 @dataclass
 class StepPlan:
-    """How one step's batch splits between the stock kernel and the borrowed kernel."""
+    """How one step's batch splits between the stock kernel (rows that borrow nothing),
+    the borrowed kernel (``rows``) and vLLM's kernel over scratch copies (``dense``)."""
 
     rows: torch.Tensor            # int32 [R, 4]: borrower rows (kernel layout)
     seg_ptr: torch.Tensor
@@ -54,6 +57,7 @@ class StepPlan:
     src_blocks: torch.Tensor
     rest_tokens: torch.Tensor | None   # token indices of the other rows (None: none)
     rest: dict | None                  # stock-kernel arguments for the other rows
+    dense: "dense.DenseRows | None"    # prefill-sized borrower rows (None: none)
 
 
 def step_borrows():
@@ -67,14 +71,31 @@ def step_borrows():
     return conn.step_borrows() if hasattr(conn, "step_borrows") else None
 
 
-def plan_step(md, borrows, block_size: int, num_heads: int, num_kv_heads: int,
-              head_dim: int, dtype, isa: str, kv_cache_dtype: str) -> StepPlan:
-    """Match borrows to batch rows by the slot of each row's last query token."""
+def _kernel_rows(found) -> tuple[torch.Tensor, ...]:
+    """(rows, seg_ptr, segs, src_blocks) int32 tensors in the kernels' layout."""
+    rows, seg_ptr, segs, src_blocks = [], [0], [], []
+    for row, segments in found:
+        rows.append(row)
+        for dst, n, delta, src, blocks in segments:
+            segs.append((dst, n, delta, src, len(src_blocks)))
+            src_blocks.extend(blocks)
+        seg_ptr.append(len(segs))
+    i32 = lambda x, shape: torch.tensor(x, dtype=torch.int32).reshape(shape)
+    return (i32(rows, (-1, 4)), i32(seg_ptr, (-1,)), i32(segs, (-1, 5)),
+            i32(src_blocks, (-1,)))
+
+
+def plan_step(md, borrows, kv_shape: tuple[int, int, int, int], num_heads: int,
+              dtype, isa: str, kv_cache_dtype: str) -> StepPlan:
+    """Match borrows to batch rows by the slot of each row's last query token; split the
+    borrower rows between the borrowed kernel (few query tokens) and ``DenseRows``."""
+    _, num_kv_heads, block_size, d2 = kv_shape
+    head_dim = d2 // 2
     qsl = md.query_start_loc.to(torch.long)
     n_rows = qsl.numel() - 1
     last_slots = md.slot_mapping[qsl[1:] - 1].tolist()
     row_of = {s: i for i, s in enumerate(last_slots)}
-    rows, seg_ptr, segs, src_blocks, used = [], [0], [], [], set()
+    found, used = [], set()     # (row tuple, its segments with their source blocks)
     seq = md.seq_lens.tolist()
     for b in borrows:
         i = row_of.get(b.slot)
@@ -83,11 +104,10 @@ def plan_step(md, borrows, block_size: int, num_heads: int, num_kv_heads: int,
             continue
         used.add(i)
         q0, q1 = int(qsl[i]), int(qsl[i + 1])
-        rows.append((q0, q1 - q0, seq[i], i))
-        for dst, n, delta, src, blocks in b.segments:
-            segs.append((dst, n, delta, src, len(src_blocks)))
-            src_blocks.extend(blocks)
-        seg_ptr.append(len(segs))
+        found.append(((q0, q1 - q0, seq[i], i), b.segments))
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    kernel_rows, dense_rows = dense.split_rows(
+        [r for r, _ in found], block_size, 2 * num_kv_heads * head_dim * itemsize)
     rest = [i for i in range(n_rows) if i not in used]
     bt = md.block_table
     nblk = (md.seq_lens + block_size - 1) // block_size
@@ -98,9 +118,11 @@ def plan_step(md, borrows, block_size: int, num_heads: int, num_kv_heads: int,
             FAULTS["missing_borrow"] += int(holes.any(dim=1).sum())
             logger.error("kvdedup shared attention: %d row(s) hold placeholder blocks "
                          "but no borrow; their outputs are wrong", int(holes.any(dim=1).sum()))
-    i32 = lambda x, shape: torch.tensor(x, dtype=torch.int32).reshape(shape)
-    plan = StepPlan(i32(rows, (-1, 4)), i32(seg_ptr, (-1,)), i32(segs, (-1, 5)),
-                    i32(src_blocks, (-1,)), None, None)
+    plan = StepPlan(*_kernel_rows([found[i] for i in kernel_rows]), None, None, None)
+    if dense_rows:
+        plan.dense = dense.DenseRows(*_kernel_rows([found[i] for i in dense_rows]),
+                                     kv_shape, dtype, num_heads, isa, md.causal,
+                                     kv_cache_dtype)
     if rest:
         q_lens = (qsl[1:] - qsl[:-1])[rest]
         plan.rest_tokens = torch.cat([torch.arange(int(qsl[i]), int(qsl[i + 1])) for i in rest])
@@ -152,8 +174,8 @@ class SharedCPUAttentionImpl(CPUAttentionBackendImpl):
         plan = getattr(md, "kvdedup_plan", None)
         if plan is None:
             plan = md.kvdedup_plan = plan_step(
-                md, borrows, bs, self.num_heads, self.num_kv_heads, self.head_size,
-                query.dtype, layer.isa, self.kv_cache_dtype)
+                md, borrows, tuple(kv_cache.shape), self.num_heads, query.dtype, layer.isa,
+                self.kv_cache_dtype)
         T = md.num_actual_tokens
         q = query[:T].contiguous()
         out = output[:T].view(T, self.num_heads, self.head_size)
@@ -168,6 +190,18 @@ class SharedCPUAttentionImpl(CPUAttentionBackendImpl):
                 k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                 kv_cache_dtype=self.kv_cache_dtype, **plan.rest)
             out[plan.rest_tokens] = sub_out
+        if plan.dense is not None:
+            d = plan.dense
+            try:
+                d(q, kv_cache, md.block_table, out, self.inv_freq, self.scale,
+                  layer._k_scale_float, layer._v_scale_float)
+            except Exception as exc:  # the rows are computed by the oracle instead
+                FAULTS["dense_fallback"] += 1
+                logger.error("kvdedup shared attention: dense rows failed (%s); using the "
+                             "torch reference for this step", exc)
+                kernels.reference_borrowed_attention(
+                    q, kv_cache, out, d.rows, md.block_table, d.seg_ptr, d.segs,
+                    d.src_blocks, self.inv_freq, self.scale, rotary=self.rotary)
         if plan.rows.shape[0]:
             args = (q, kv_cache, out, plan.rows, md.block_table, plan.seg_ptr, plan.segs,
                     plan.src_blocks, self.inv_freq, self.scale)

@@ -41,7 +41,10 @@ import torch
 from .rope import RotaryParams, rerotate
 
 SOURCE = Path(__file__).with_name("csrc") / "borrowed_attention.cpp"
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17"]
+# -fopenmp: ATen's parallel_for is an inline OpenMP loop; without the flag it runs on one
+# thread while vLLM's kernel uses all of them.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 class KernelUnavailable(RuntimeError):
@@ -50,7 +53,7 @@ class KernelUnavailable(RuntimeError):
 
 def build_dir() -> Path:
     root = Path(os.environ.get("KVDEDUP_CACHE", Path.home() / ".cache" / "kvdedup"))
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
     return root.expanduser() / "build" / f"borrowed_attention-{digest}"
 
 
@@ -65,7 +68,8 @@ def _load():
     out.mkdir(parents=True, exist_ok=True)
     try:
         return cpp_extension.load(name="kvdedup_borrowed_attention", sources=[str(SOURCE)],
-                                  extra_cflags=CFLAGS, build_directory=str(out),
+                                  extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                                  build_directory=str(out),
                                   verbose=False)
     except Exception as exc:  # compiler missing, bad flags, ...
         _FAILURE.append(KernelUnavailable(f"could not build {SOURCE.name} in {out}: {exc}"))
@@ -85,6 +89,29 @@ def borrowed_attention(query, kv_cache, output, rows, block_table, seg_ptr, segs
     """The C++ kernel (see the module docstring); writes the rows' tokens of ``output``."""
     extension().borrowed_attention(query, kv_cache, output, rows, block_table, seg_ptr,
                                    segs, src_blocks, inv_freq, float(scale))
+
+
+def materialize(kv_cache, scratch, rows, block_table, seg_ptr, segs, src_blocks, inv_freq,
+                first_block) -> None:
+    """The C++ copy: each row's context (own slots as they are, borrowed ones re-rotated
+    by +delta) into ``scratch`` blocks ``first_block[r]``, ``first_block[r] + 1``, ...,
+    so that vLLM's own kernel can attend over it (see ``scratch_tables``)."""
+    extension().materialize(kv_cache, scratch, rows, block_table, seg_ptr, segs,
+                            src_blocks, inv_freq, first_block)
+
+
+def scratch_tables(seq_lens: list[int], block_size: int):
+    """Consecutive scratch blocks per row: ``(first_block [R], block_table [R, max],
+    total_blocks)``, int32."""
+    n = [-(-s // block_size) for s in seq_lens]
+    first = [0]
+    for x in n[:-1]:
+        first.append(first[-1] + x)
+    width = max(n, default=1)
+    table = torch.zeros(len(n), width, dtype=torch.int32)
+    for r, (f, x) in enumerate(zip(first, n)):
+        table[r, :x] = torch.arange(f, f + x, dtype=torch.int32)
+    return torch.tensor(first, dtype=torch.int32), table, sum(n)
 
 
 # ------------------------------------------------------------------ cache layout access

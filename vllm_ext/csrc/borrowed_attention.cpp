@@ -433,6 +433,89 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, torch::Tenso
   });
 }
 
+
+// Copies each row's keys and values, in position order, into consecutive blocks of
+// `scratch` (same layout as the cache) from block first_block[r] on: own slots as they
+// are, borrowed slots re-rotated by +delta, so that the scratch blocks hold the row's
+// context as if it had computed it, ready for the stock kernel. Slots past seq_len in a
+// row's last scratch block are zeroed.
+template <typename T>
+void materialize_rows(const torch::Tensor& kv_cache, torch::Tensor& scratch,
+                      const torch::Tensor& rows, const torch::Tensor& block_table,
+                      const torch::Tensor& seg_ptr, const torch::Tensor& segs,
+                      const torch::Tensor& src_blocks, const torch::Tensor& inv_freq,
+                      const torch::Tensor& first_block) {
+  const int n_rows = rows.size(0), Hkv = kv_cache.size(1), B = kv_cache.size(2),
+            D = kv_cache.size(3) / 2, half = D / 2;
+  const int64_t tile = static_cast<int64_t>(B) * 2 * D;
+  const int32_t* rw = rows.data_ptr<int32_t>();
+  const int32_t* sp = seg_ptr.data_ptr<int32_t>();
+  const int32_t* sg = segs.numel() ? segs.data_ptr<int32_t>() : nullptr;
+  const int32_t* sb = src_blocks.numel() ? src_blocks.data_ptr<int32_t>() : nullptr;
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int32_t* fb = first_block.data_ptr<int32_t>();
+  const int64_t bt_stride = block_table.stride(0);
+  std::vector<std::vector<Span>> spans(n_rows);
+  for (int r = 0; r < n_rows; ++r) {
+    const int32_t* x = rw + r * 4;
+    spans[r] = row_spans(x[2], B, bt + x[3] * bt_stride, sg ? sg + sp[r] * 5 : nullptr,
+                         sp[r + 1] - sp[r], sb);
+  }
+  const T* kvp = kv_cache.data_ptr<T>();
+  T* out = scratch.data_ptr<T>();
+  const double* fr = inv_freq.data_ptr<double>();
+  at::parallel_for(0, static_cast<int64_t>(n_rows) * Hkv, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> cs(D);
+    for (int64_t w = b; w < e; ++w) {
+      const int r = w / Hkv, g = w % Hkv;
+      int cur_seg = -2;
+      for (const Span& x : spans[r]) {
+        const T* st = kvp + (static_cast<int64_t>(x.block) * Hkv + g) * tile;
+        if (x.seg >= 0 && x.seg != cur_seg) {
+          const double delta = sg[(sp[r] + x.seg) * 5 + 2];
+          for (int i = 0; i < half; ++i) {
+            cs[i] = static_cast<float>(std::cos(delta * fr[i]));
+            cs[half + i] = static_cast<float>(std::sin(delta * fr[i]));
+          }
+          cur_seg = x.seg;
+        }
+        int p = x.pos, o = x.off, left = x.n;
+        while (left > 0) {  // a misaligned segment span may cross a scratch block
+          const int doff = p % B, n = std::min(left, B - doff);
+          T* dt = out + (static_cast<int64_t>(fb[r] + p / B) * Hkv + g) * tile;
+          if (x.seg < 0) {
+            for (int d = 0; d < D; ++d)
+              std::memcpy(dt + d * B + doff, st + d * B + o, n * sizeof(T));
+          } else {
+            for (int d = 0; d < half; ++d) {
+              const float c = cs[d], s = cs[half + d];
+              const T* a = st + d * B + o;
+              const T* bb = st + (d + half) * B + o;
+              T* da = dt + d * B + doff;
+              T* db = dt + (d + half) * B + doff;
+              for (int i = 0; i < n; ++i) {
+                const float ka = to_float(a[i]), kb = to_float(bb[i]);
+                da[i] = static_cast<T>(ka * c - kb * s);
+                db[i] = static_cast<T>(kb * c + ka * s);
+              }
+            }
+          }
+          std::memcpy(dt + B * D + doff * D, st + B * D + o * D, n * D * sizeof(T));
+          p += n;
+          o += n;
+          left -= n;
+        }
+      }
+      const int seq_len = rw[r * 4 + 2], tail = seq_len % B;
+      if (tail) {  // vLLM's kernel reads whole blocks: the slots past seq_len must be finite
+        T* dt = out + (static_cast<int64_t>(fb[r] + seq_len / B) * Hkv + g) * tile;
+        for (int d = 0; d < D; ++d) std::fill(dt + d * B + tail, dt + (d + 1) * B, T(0));
+        std::fill(dt + B * D + tail * D, dt + 2 * B * D, T(0));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // query [T, Hq, D]; kv_cache [NB, Hkv, B, 2D]; output [T, Hq, D] (rows' tokens written);
@@ -486,7 +569,53 @@ void borrowed_attention(const torch::Tensor& query, const torch::Tensor& kv_cach
   }
 }
 
+// kv_cache, scratch [NB, Hkv, B, 2D] (the same dtype); rows, block_table, seg_ptr, segs,
+// src_blocks, inv_freq as for borrowed_attention; first_block int32 [R]: row r's context
+// goes to scratch blocks first_block[r], first_block[r] + 1, ...
+void materialize(const torch::Tensor& kv_cache, torch::Tensor& scratch,
+                 const torch::Tensor& rows, const torch::Tensor& block_table,
+                 const torch::Tensor& seg_ptr, const torch::Tensor& segs,
+                 const torch::Tensor& src_blocks, const torch::Tensor& inv_freq,
+                 const torch::Tensor& first_block) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && scratch.is_contiguous() &&
+                  scratch.dim() == 4 && scratch.size(1) == kv_cache.size(1) &&
+                  scratch.size(2) == kv_cache.size(2) && scratch.size(3) == kv_cache.size(3) &&
+                  scratch.scalar_type() == kv_cache.scalar_type(),
+              "scratch must be a contiguous [blocks, kv_heads, block_size, 2 * head_dim] "
+              "tensor of the cache's dtype");
+  for (const auto* t : {&rows, &block_table, &seg_ptr, &segs, &src_blocks, &first_block})
+    TORCH_CHECK(t->scalar_type() == torch::kInt32 && t->is_contiguous(),
+                "index tensors must be contiguous int32");
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) == 4 && seg_ptr.numel() == rows.size(0) + 1 &&
+                  first_block.numel() == rows.size(0),
+              "rows must be [R, 4], seg_ptr [R + 1], first_block [R]");
+  TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat64 &&
+                  inv_freq.numel() == kv_cache.size(3) / 4,
+              "inv_freq must be float64 [head_dim / 2]");
+  const int B = kv_cache.size(2);
+  const int32_t* rw = rows.data_ptr<int32_t>();
+  const int32_t* fb = first_block.data_ptr<int32_t>();
+  for (int r = 0; r < rows.size(0); ++r)
+    TORCH_CHECK(fb[r] >= 0 && fb[r] + (rw[r * 4 + 2] + B - 1) / B <= scratch.size(0),
+                "kvdedup materialize: row ", r, " does not fit in the scratch blocks");
+  switch (kv_cache.scalar_type()) {
+    case torch::kFloat32:
+      return materialize_rows<float>(kv_cache, scratch, rows, block_table, seg_ptr, segs,
+                                     src_blocks, inv_freq, first_block);
+    case torch::kBFloat16:
+      return materialize_rows<c10::BFloat16>(kv_cache, scratch, rows, block_table, seg_ptr,
+                                             segs, src_blocks, inv_freq, first_block);
+    case torch::kFloat16:
+      return materialize_rows<c10::Half>(kv_cache, scratch, rows, block_table, seg_ptr, segs,
+                                         src_blocks, inv_freq, first_block);
+    default:
+      TORCH_CHECK(false, "kvdedup materialize: unsupported dtype ", kv_cache.scalar_type());
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("materialize", &materialize,
+        "copy rows' own and borrowed (re-rotated) KV into scratch blocks (kvdedup shared mode)");
   m.def("borrowed_attention", &borrowed_attention,
         "attention over own KV blocks plus borrowed segments (kvdedup shared mode)");
 }
