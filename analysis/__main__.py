@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=_positive_int, default=16, metavar="N",
         help="requests running at a time in the KV-occupancy simulation (default: 16)",
     )
+    audit.add_argument(
+        "--num-blocks", type=_positive_int, nargs="+", default=[], metavar="N",
+        help="KV pool size(s) in blocks: also print each rule's lower bound on engine steps "
+        "at that pool (every step full, all readers of a shared block side by side)",
+    )
     audit.add_argument("--run-min-len", type=_positive_int, default=None, metavar="T",
                        help="chunk_runs min_len (default: chunk_runs' own default)")
     audit.add_argument("--run-avg-len", type=_positive_int, default=None, metavar="T",
@@ -91,7 +96,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     chunk_kwargs = {
         "min_len": args.run_min_len, "avg_len": args.run_avg_len, "max_len": args.run_max_len,
     }
-    result = audit_workload(args.workload, args.block_size, args.concurrency, chunk_kwargs)
+    result = audit_workload(args.workload, args.block_size, args.concurrency, chunk_kwargs,
+                            num_blocks=args.num_blocks)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=False, default=str))
     else:

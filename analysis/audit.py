@@ -49,6 +49,7 @@ import xxhash
 
 from analysis import AnalysisError
 from analysis.borrow import shared_footprints
+from analysis.packing import rule_bounds
 from analysis.simulate import RequestFootprint, simulate_kv_blocks, SIMULATION_MODEL
 from experiments.workloads.format import Request, WorkloadError, load_workload
 
@@ -267,8 +268,10 @@ def _audit_block_size(
     concurrency: int,
     run_spans: list[list[tuple[int, int, bytes]]],
     shared_kwargs: dict,
+    num_blocks: Sequence[int] = (),
 ) -> dict:
-    """All per-block-size numbers: prefix, block and shared rules + simulation."""
+    """All per-block-size numbers: prefix, block and shared rules + simulation (+ the
+    packing bound at each of ``num_blocks``)."""
     b = block_size
     total_tokens = sum(len(t) for t in prompts)
     total_full_blocks = sum(len(t) // b for t in prompts)
@@ -328,6 +331,7 @@ def _audit_block_size(
         "shared": dict(borrowed, borrowed_fraction=_frac(borrowed["borrowed_tokens"],
                                                            total_tokens)),
         "simulation": sim,
+        "packing": {str(n): rule_bounds(footprints, b, n) for n in num_blocks},
     }
 
 
@@ -360,9 +364,12 @@ def audit_requests(
     chunk_kwargs: dict | None = None,
     k: int = 32,
     min_inject: int = 32,
+    num_blocks: Sequence[int] = (),
 ) -> dict:
     """Audit already-loaded requests; see :func:`audit_workload` for the keys. ``k`` and
-    ``min_inject`` are shared mode's settings for the ``shared`` rule."""
+    ``min_inject`` are shared mode's settings for the ``shared`` rule; for each pool size
+    in ``num_blocks`` the result has each rule's lower bound on engine steps
+    (``analysis.packing``)."""
     if not requests:
         raise AnalysisError("no requests to audit")
     if not block_sizes:
@@ -373,6 +380,9 @@ def audit_requests(
     if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise AnalysisError(f"concurrency must be a positive int, got {concurrency!r}")
     ckw = {k: v for k, v in (chunk_kwargs or {}).items() if v is not None}
+    for n in num_blocks:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise AnalysisError(f"num_blocks must be positive ints, got {n!r}")
 
     prompts = [_tokens_of(r) for r in requests]
     outputs = [_output_len_of(r) for r in requests]
@@ -385,7 +395,8 @@ def audit_requests(
 
     shared_kwargs = {"k": k, "min_inject": min_inject, "chunk_kwargs": ckw}
     per_bs = {
-        str(b): _audit_block_size(prompts, outputs, b, concurrency, run_spans, shared_kwargs)
+        str(b): _audit_block_size(prompts, outputs, b, concurrency, run_spans, shared_kwargs,
+                                  num_blocks)
         for b in sizes
     }
     first = per_bs[str(sizes[0])]
@@ -412,6 +423,7 @@ def audit_workload(
     chunk_kwargs: dict | None = None,
     k: int = 32,
     min_inject: int = 32,
+    num_blocks: Sequence[int] = (),
 ) -> dict:
     """Audit a workload file.
 
@@ -426,7 +438,8 @@ def audit_workload(
     """
     reqs = read_workload(path)
     result = {"workload": str(path)}
-    result.update(audit_requests(reqs, block_sizes, concurrency, chunk_kwargs, k, min_inject))
+    result.update(audit_requests(reqs, block_sizes, concurrency, chunk_kwargs, k, min_inject,
+                                 num_blocks))
     meta_path = find_workload_meta(path)
     result["meta_file"] = None if meta_path is None else str(meta_path)
     result["meta"] = _read_meta(Path(path))
@@ -488,5 +501,16 @@ def format_audit_table(result: dict) -> str:
                 f" {s['mean_physical_blocks']:>10.1f} {s['mean_dedup_ratio']:>6.2f}"
             )
     lines += ["", "model: " + result["simulation_model"]]
+    bounds = [(bs, n, b) for bs, r in result["per_block_size"].items()
+              for n, b in r.get("packing", {}).items()]
+    if bounds:
+        lines += ["", "Fewest engine steps any schedule needs at a pool of N blocks "
+                  "(analysis.packing; measured: trace_steps of a run):",
+                  f"{'block':>6} {'N':>6} | " + " ".join(f"{rule:>8}" for rule in bounds[0][2])
+                  + " | prefix/shared", "-" * 76]
+        for bs, n, b in bounds:
+            ratio = b["prefix"]["min_steps"] / max(1, b["shared"]["min_steps"])
+            lines.append(f"{bs:>6} {n:>6} | " + " ".join(f"{x['min_steps']:>8}" for x in b.values())
+                         + f" | {ratio:>12.2f}")
     return "\n".join(lines)
 

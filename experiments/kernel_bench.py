@@ -36,6 +36,7 @@ import torch
 def build_case(rows: int, seq_len: int, q_len: int, borrowed: float, hq: int, hkv: int,
                d: int, bs: int, dtype, seed: int = 0):
     from vllm import _custom_ops as ops
+    from vllm import envs
 
     from vllm_ext.rope import RotaryParams
 
@@ -52,7 +53,7 @@ def build_case(rows: int, seq_len: int, q_len: int, borrowed: float, hq: int, hk
     meta = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=rows, num_heads=hq, num_kv_heads=hkv, head_dim=d, seq_lens=seq, dtype=dtype,
         query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec",
-        enable_kv_split=False)
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)   # as the engine (and DenseRows) do
     # Borrowed segment: starts after 2 own blocks, block-aligned in the reader (as the
     # scheduler makes it), 11 slots into its first source block, delta != 0.
     n_seg = int(borrowed * seq_len) // bs * bs

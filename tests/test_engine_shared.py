@@ -135,6 +135,7 @@ def test_prefill_sized_borrower_rows_through_vllms_kernel(engines, reference, mo
     != 0, misaligned) gives what the borrowed kernel gives."""
     prompts = [SHIFTED, LONG_TAIL, SAME_CONTEXT[4], MIXED[0]]
     outs = {}
+    monkeypatch.setenv("KVDEDUP_STRICT_KERNELS", "1")   # a failing path raises, no oracle
     for min_q in ("1000000", "1"):
         monkeypatch.setenv("KVDEDUP_DENSE_MIN_QUERY_TOKENS", min_q)
         llm = engines.get(f"shared-k0-dense-{min_q}", **TINY, num_gpu_blocks_override=80,

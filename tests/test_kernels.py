@@ -176,9 +176,16 @@ def test_materialize_copies_own_slots_and_rerotates_borrowed_ones():
     b = _batch(7, n_rows=3)
     seq = b["rows"][:, 2].tolist()
     first, table, total = scratch_tables(seq, 32)
-    scratch = torch.zeros(total, *b["kv_cache"].shape[1:])
+    scratch = torch.full((total, *b["kv_cache"].shape[1:]), float("nan"))
     materialize(b["kv_cache"], scratch, b["rows"], b["block_table"], b["seg_ptr"], b["segs"],
                 b["src_blocks"], b["inv_freq"], first)
+    # every scratch slot is written: the row's context, then zeros past seq_len (vLLM's
+    # kernel reads whole blocks, so a NaN there would reach the output)
+    assert torch.isfinite(scratch).all()
+    for r, s_len in enumerate(seq):
+        tail = torch.arange(s_len, -(-s_len // 32) * 32)
+        k, v = read_kv(scratch, table[r, tail // 32], tail % 32)
+        assert (k == 0).all() and (v == 0).all()
     for r, (_, _, seq_len, trow) in enumerate(b["rows"].tolist()):
         pos = torch.arange(seq_len)
         k, v = read_kv(scratch, table[r, pos // 32], pos % 32)

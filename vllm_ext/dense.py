@@ -84,8 +84,9 @@ class DenseRows:
 def split_rows(rows: list[tuple[int, int, int, int]], block_size: int,
                bytes_per_token: int) -> tuple[list[int], list[int]]:
     """Indices of the rows (q_start, q_len, seq_len, table row) for the borrowed kernel and
-    of those for ``DenseRows``: rows with at least ``MIN_QUERY_TOKENS`` query tokens, while
-    the scratch (``bytes_per_token`` of KV, all layers' one at a time) fits."""
+    of those for ``DenseRows``: each row with at least ``MIN_QUERY_TOKENS`` query tokens
+    whose context still fits in the scratch (``SCRATCH_MAX_BYTES``, at ``bytes_per_token``
+    of one layer's KV), in row order; a row that does not fit stays with the kernel."""
     bs, per_token = block_size, bytes_per_token
     kernel, dense, used = [], [], 0
     for i, (_, q_len, seq_len, _) in enumerate(rows):
