@@ -6,9 +6,9 @@ Extends the call of ``vllm._custom_ops.cpu_attention_with_kv_cache`` made by
 kvdedup's borrowed kernel (``kernels.borrowed_attention``) reads borrowed segments in
 place, rotating the query by ``-delta`` per segment. That is the right trade for decode
 rows (one query token: the query is cheap to rotate, the keys are many). For rows with
-many query tokens (``MIN_QUERY_TOKENS``) and few rows, vLLM's kernel is faster than
-kvdedup's by more than the cost of copying the row's context once per layer
-(``python -m experiments.kernel_bench --rows 4 --prefill 256``). So such a row's context is
+many query tokens (``MIN_QUERY_TOKENS``), vLLM's kernel is faster than kvdedup's by more
+than the cost of copying the row's context once per layer
+(``python -m experiments.kernel_bench --rows 4 --prefill 256``; also at 8 and 32 rows). So such a row's context is
 copied, per layer, into scratch blocks: its own slots as they are and its borrowed slots
 re-rotated by ``+delta`` (``kernels.materialize``, exact up to float rounding), and vLLM's
 kernel attends over the scratch blocks as if the row had computed the whole context.
