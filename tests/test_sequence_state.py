@@ -162,3 +162,37 @@ def test_scheduler_rewrites_only_the_window_of_vllms_fcfs_queue():
     assert sched.waiting is queue                      # rewritten in place
     assert [r.request_id for r in queue] == \
         ["a1"] + [r.request_id for r in fresh] + [r.request_id for r in tail]
+
+
+def test_back_to_back_runs_are_jumped_together():
+    """k = 0: a run that starts where the previous one ends (here the follower's own exact
+    start, then the document from its source) is jumped in the same step; before, no step
+    stopped between the two runs and the second one was computed, not reused."""
+    state = SequenceState(block_size=B, bytes_per_token=8, store_bytes=10**8, k=0)
+    doc = _tokens(11, 400)
+    src = _req("s", _tokens(12, 30) + doc + [5])
+    _schedule(state, src, 2048)
+    state.take_commands()
+    state.begin_step([])
+    tgt = _req("t", _tokens(13, 45) + doc + [6])
+    while tgt.num_computed_tokens < len(tgt.prompt_token_ids):
+        to = state.jump(tgt)
+        if to is not None:
+            tgt.num_computed_tokens = to
+        _schedule(state, tgt, 2048)
+        state.take_commands()
+        state.begin_step([tgt])
+    state.finish("t")
+    x = _req("x", tgt.prompt_token_ids + _tokens(14, 40))
+    _schedule(state, x, 2048)
+    inj = list(state.plans["x"].injections)
+    assert len(inj) == 2 and inj[0].end == inj[1].stop    # back to back
+    assert x.num_computed_tokens == inj[0].stop
+    hits, reused = state.hits, state.tokens_reused
+    state.take_commands()
+    assert state.jump(x) == inj[1].end
+    x.num_computed_tokens = inj[1].end
+    _schedule(state, x, 2048)
+    assert len(state.take_commands().injects) == 2
+    assert state.hits == hits + 2
+    assert state.tokens_reused == reused + inj[0].num_tokens + inj[1].num_tokens

@@ -75,7 +75,7 @@ class RequestPlan:
     exact_limit: int                    # tokens [0, exact_limit) are exact
     limited: bool = False               # some KV of this request is (or was) injected
     pinned: list[bytes] = field(default_factory=list)
-    ready: Injection | None = None      # jumped over, KV to write once blocks exist
+    ready: list[Injection] | None = None  # jumped over, KV to write once blocks exist
     captured_upto: int = 0              # chunks before this token offset are handled
     injected: list[bytes] = field(default_factory=list)  # chunks injected into this request
 
@@ -274,25 +274,28 @@ class SequenceState:
         p = self.plans.get(request.request_id)
         if p is None or not p.injections or p.ready is not None:
             return None
-        inj = p.injections[0]
-        if request.num_computed_tokens != inj.stop:
+        if request.num_computed_tokens != p.injections[0].stop:
             return None
-        p.ready = p.injections.pop(0)
-        return inj.end
+        # back-to-back runs (k = 0: a run starting where the previous one ends) are jumped
+        # together; no step would stop between them
+        p.ready = [p.injections.pop(0)]
+        while p.injections and p.injections[0].stop == p.ready[-1].end:
+            p.ready.append(p.injections.pop(0))
+        return p.ready[-1].end
 
     # -- after the step is scheduled ------------------------------------------------------
     def after_schedule(self, request, num_scheduled: int, block_ids: list[int]) -> None:
         p = self.plans.get(request.request_id)
         if p is None:
             return
-        if p.ready is not None:
-            inj, p.ready = p.ready, None
+        for inj in p.ready or ():
             pieces = [(pc.digest, pc.offset, pc.length, pc.dst - pc.src) for pc in inj.pieces]
             self.cmds.injects.append((self._slots(block_ids, inj.stop, inj.end), pieces))
             self.hits += 1
             self.tokens_reused += inj.num_tokens
             p.injected += [pc.digest for pc in inj.pieces]
             self._unpin(p, [pc.digest for pc in inj.pieces])
+        p.ready = None
         self._store_computed(request, p, num_scheduled, block_ids)
 
     def _slots(self, block_ids: list[int], lo: int, hi: int) -> list[int]:
