@@ -149,6 +149,20 @@ def test_prefill_sized_borrower_rows_through_vllms_kernel(engines, reference, mo
     assert outs["1"] == outs["1000000"]
 
 
+def test_failing_kernel_paths_fall_back_to_the_oracle(engines, reference, monkeypatch):
+    """Both borrowed-attention paths raise (injected fault) on every call: the engine keeps
+    serving, and the torch oracle computes the borrower rows, so outputs from an identical
+    context stay those of full prefill."""
+    monkeypatch.setenv("KVDEDUP_FAIL_KERNELS", "dense,kernel")
+    llm = engines.get("shared-k0-failing", **TINY, num_gpu_blocks_override=80,
+                      dedup="shared", enable_prefix_caching=False, dedup_options={"k": 0})
+    _greedy(llm, [A], max_tokens=1)
+    s0 = _stats(llm)
+    prompts = [LONG_TAIL, SAME_CONTEXT[5], MIXED[1]]
+    assert _greedy(llm, prompts, max_tokens=48) == [reference[tuple(p)] for p in prompts]
+    assert _delta(_stats(llm), s0, "borrowed_runs") >= 2
+
+
 def test_preemption_of_borrowers_completes_exactly_and_leaks_nothing(engines, reference):
     llm = _shared_k0(engines, blocks=30)
     s0 = _stats(llm)

@@ -47,6 +47,8 @@ FAULTS: Counter = Counter()     # worker-process fault counts (kernel_fallback, 
 # Tests set this so that a failing kernel path raises (and fails the test) instead of
 # being computed, correctly, by the torch oracle.
 STRICT = os.environ.get("KVDEDUP_STRICT_KERNELS") == "1"
+# Fault injection for tests: the listed paths ("dense", "kernel") raise before they run.
+FAIL = set(filter(None, os.environ.get("KVDEDUP_FAIL_KERNELS", "").split(",")))
 CLASS_PATH = "vllm_ext.attention.SharedCPUAttentionBackend"
 
 
@@ -143,6 +145,16 @@ def plan_step(md, borrows, kv_shape: tuple[int, int, int, int], num_heads: int,
     return plan
 
 
+def _fell_back(path: str, exc: Exception) -> None:
+    """A kernel path raised: re-raise under ``STRICT``, else count (``<path>_fallback``)
+    and log it; the caller computes the rows with the torch oracle."""
+    if STRICT:
+        raise exc
+    FAULTS[f"{path}_fallback"] += 1
+    logger.error("kvdedup shared attention: the %s path failed (%s); using the torch "
+                 "reference for this step", path, exc)
+
+
 class SharedCPUAttentionImpl(CPUAttentionBackendImpl):
     """``CPUAttentionBackendImpl`` whose borrower rows read borrowed segments."""
 
@@ -197,14 +209,12 @@ class SharedCPUAttentionImpl(CPUAttentionBackendImpl):
         if plan.dense is not None:
             d = plan.dense
             try:
+                if "dense" in FAIL:
+                    raise RuntimeError("injected fault (KVDEDUP_FAIL_KERNELS)")
                 d(q, kv_cache, md.block_table, out, self.inv_freq, self.scale,
                   layer._k_scale_float, layer._v_scale_float)
             except Exception as exc:  # the rows are computed by the oracle instead
-                if STRICT:
-                    raise
-                FAULTS["dense_fallback"] += 1
-                logger.error("kvdedup shared attention: dense rows failed (%s); using the "
-                             "torch reference for this step", exc)
+                _fell_back("dense", exc)
                 kernels.reference_borrowed_attention(
                     q, kv_cache, out, d.rows, md.block_table, d.seg_ptr, d.segs,
                     d.src_blocks, self.inv_freq, self.scale, rotary=self.rotary)
@@ -213,13 +223,11 @@ class SharedCPUAttentionImpl(CPUAttentionBackendImpl):
                     plan.src_blocks, self.inv_freq, self.scale)
             dst = out if out.is_contiguous() else torch.empty_like(q)
             try:
+                if "kernel" in FAIL:
+                    raise RuntimeError("injected fault (KVDEDUP_FAIL_KERNELS)")
                 kernels.borrowed_attention(*args[:2], dst, *args[3:])
             except Exception as exc:  # the rows are computed by the oracle instead
-                if STRICT:
-                    raise
-                FAULTS["kernel_fallback"] += 1
-                logger.error("kvdedup shared attention: kernel failed (%s); using the "
-                             "torch reference for this step", exc)
+                _fell_back("kernel", exc)
                 kernels.reference_borrowed_attention(*args[:2], dst, *args[3:],
                                                      rotary=self.rotary)
             if dst is not out:
