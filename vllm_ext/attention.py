@@ -111,9 +111,8 @@ def plan_step(md, borrows, kv_shape: tuple[int, int, int, int], num_heads: int,
         used.add(i)
         q0, q1 = int(qsl[i]), int(qsl[i + 1])
         found.append(((q0, q1 - q0, seq[i], i), b.segments))
-    itemsize = torch.empty(0, dtype=dtype).element_size()
     kernel_rows, dense_rows = dense.split_rows(
-        [r for r, _ in found], block_size, 2 * num_kv_heads * head_dim * itemsize)
+        [r for r, _ in found], block_size, 2 * num_kv_heads * head_dim * dtype.itemsize)
     rest = [i for i in range(n_rows) if i not in used]
     bt = md.block_table
     nblk = (md.seq_lens + block_size - 1) // block_size

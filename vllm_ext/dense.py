@@ -87,10 +87,9 @@ def split_rows(rows: list[tuple[int, int, int, int]], block_size: int,
     of those for ``DenseRows``: each row with at least ``MIN_QUERY_TOKENS`` query tokens
     whose context still fits in the scratch (``SCRATCH_MAX_BYTES``, at ``bytes_per_token``
     of one layer's KV), in row order; a row that does not fit stays with the kernel."""
-    bs, per_token = block_size, bytes_per_token
     kernel, dense, used = [], [], 0
     for i, (_, q_len, seq_len, _) in enumerate(rows):
-        need = -(-seq_len // bs) * bs * per_token
+        need = -(-seq_len // block_size) * block_size * bytes_per_token
         if q_len >= MIN_QUERY_TOKENS and used + need <= SCRATCH_MAX_BYTES:
             dense.append(i)
             used += need

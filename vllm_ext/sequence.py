@@ -269,19 +269,27 @@ class SequenceState:
         return True
 
     def jump(self, request) -> int | None:
-        """Before a step: a request standing at an injection stop skips to the run's end.
-        Returns the computed-token count it jumps to (the scheduler sets it), else None."""
+        """Before a step: a request standing at an injection stop skips to the run's end,
+        and on over every run that starts where the last one ends (back to back, as k = 0
+        makes them: no step would stop between them). Returns the computed-token count it
+        jumps to (the scheduler sets it), else None. Each run is taken by ``_take_run``."""
         p = self.plans.get(request.request_id)
-        if p is None or not p.injections or p.ready is not None:
+        if p is None or p.ready is not None:   # its last jump's KV is not written yet
             return None
-        if request.num_computed_tokens != p.injections[0].stop:
-            return None
-        # back-to-back runs (k = 0: a run starting where the previous one ends) are jumped
-        # together; no step would stop between them
-        p.ready = [p.injections.pop(0)]
-        while p.injections and p.injections[0].stop == p.ready[-1].end:
-            p.ready.append(p.injections.pop(0))
-        return p.ready[-1].end
+        to = None
+        while p.injections and p.injections[0].stop == (
+                request.num_computed_tokens if to is None else to):
+            end = self._take_run(request, p)
+            if end is None:
+                break
+            to = end
+        return to
+
+    def _take_run(self, request, p: RequestPlan) -> int | None:
+        """Sequence mode: the run's KV is written after the step is scheduled (``ready``)."""
+        inj = p.injections.pop(0)
+        p.ready = (p.ready or []) + [inj]
+        return inj.end
 
     # -- after the step is scheduled ------------------------------------------------------
     def after_schedule(self, request, num_scheduled: int, block_ids: list[int]) -> None:

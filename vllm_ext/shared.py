@@ -183,28 +183,20 @@ class SharedState(SequenceState):
         super().begin_step(running)
         self.reserved = len(running)
 
-    def jump(self, request) -> int | None:
-        """A request standing at its next borrow's ``stop`` gets placeholders over the
-        borrowed blocks and skips to ``end`` (returned; the scheduler sets it), and on over
-        any borrow that starts where that one ends; if the table cannot take them (it
-        holds blocks past ``stop``), the range is computed instead (None)."""
-        p = self.plans.get(request.request_id)
-        if p is None or not p.injections:
+    def _take_run(self, request, p: RequestPlan) -> int | None:
+        """Shared mode (``jump`` calls it for each run the request stands at): the request
+        gets placeholders over the borrowed blocks and skips to the borrow's ``end``; if
+        the table cannot take them (it holds blocks past ``stop``), the range is computed
+        instead (None)."""
+        b = p.injections.pop(0)
+        if not self.pool.place_borrow(request.request_id, b.stop, b.end):
+            self.cancelled += 1
             return None
-        if request.num_computed_tokens != p.injections[0].stop:
-            return None
-        to = None   # back-to-back borrows (one starting where the last ends) go together
-        while p.injections and p.injections[0].stop == (to or request.num_computed_tokens):
-            b = p.injections.pop(0)
-            if not self.pool.place_borrow(request.request_id, b.stop, b.end):
-                self.cancelled += 1
-                break
-            self.active.setdefault(request.request_id, []).append(b)
-            self.hits += 1
-            self.tokens_reused += b.num_tokens
-            self.edge_tokens += b.edge_tokens
-            to = b.end
-        return to
+        self.active.setdefault(request.request_id, []).append(b)
+        self.hits += 1
+        self.tokens_reused += b.num_tokens
+        self.edge_tokens += b.edge_tokens
+        return b.end
 
     # -- after the step is scheduled ----------------------------------------------------
     def after_schedule(self, request, num_scheduled: int, block_ids: list[int]) -> None:

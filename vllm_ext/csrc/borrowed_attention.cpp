@@ -120,6 +120,34 @@ std::vector<Span> row_spans(int seq_len, int B, const int32_t* table, const int3
   return out;
 }
 
+// row_spans for every row of `rows` ([R, 4] = q_start, q_len, seq_len, table row).
+std::vector<std::vector<Span>> all_row_spans(const torch::Tensor& rows, int B,
+                                             const torch::Tensor& block_table,
+                                             const torch::Tensor& seg_ptr,
+                                             const torch::Tensor& segs,
+                                             const torch::Tensor& src_blocks) {
+  const int32_t* rw = rows.data_ptr<int32_t>();
+  const int32_t* sp = seg_ptr.data_ptr<int32_t>();
+  const int32_t* sg = segs.numel() ? segs.data_ptr<int32_t>() : nullptr;
+  const int32_t* sb = src_blocks.numel() ? src_blocks.data_ptr<int32_t>() : nullptr;
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  std::vector<std::vector<Span>> spans(rows.size(0));
+  for (int r = 0; r < rows.size(0); ++r) {
+    const int32_t* x = rw + r * 4;
+    spans[r] = row_spans(x[2], B, bt + x[3] * block_table.stride(0),
+                         sg ? sg + sp[r] * 5 : nullptr, sp[r + 1] - sp[r], sb);
+  }
+  return spans;
+}
+
+// cs[0, half) = cos(delta * inv_freq), cs[half, 2 * half) = sin(delta * inv_freq).
+inline void rotation_of(double delta, const double* inv_freq, int half, float* cs) {
+  for (int i = 0; i < half; ++i) {
+    cs[i] = static_cast<float>(std::cos(delta * inv_freq[i]));
+    cs[half + i] = static_cast<float>(std::sin(delta * inv_freq[i]));
+  }
+}
+
 struct Shape {
   int B, D, Hq, Hkv, G;
   float scale;
@@ -338,11 +366,7 @@ void attend_item(const T* query, const T* kv, T* output, const Span* spans, int 
   auto rotation = [&](int seg) -> const float* {  // the tile's queries for a span
     if (seg < 0) return q;
     if (seg != cur_seg) {  // rotate the tile's queries by -delta for this segment
-      const double delta = segs[seg * 5 + 2];
-      for (int i = 0; i < half; ++i) {
-        cs[i] = static_cast<float>(std::cos(delta * inv_freq[i]));
-        cs[half + i] = static_cast<float>(std::sin(delta * inv_freq[i]));
-      }
+      rotation_of(segs[seg * 5 + 2], inv_freq, half, cs);
       for (int r = 0; r < R; ++r) {
         const float* x = q + r * D;
         float* y = qr + r * D;
@@ -404,16 +428,11 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, torch::Tenso
   const int32_t* rw = rows.data_ptr<int32_t>();
   const int32_t* sp = seg_ptr.data_ptr<int32_t>();
   const int32_t* sg = segs.numel() ? segs.data_ptr<int32_t>() : nullptr;
-  const int32_t* sb = src_blocks.numel() ? src_blocks.data_ptr<int32_t>() : nullptr;
-  const int32_t* bt = block_table.data_ptr<int32_t>();
-  const int64_t bt_stride = block_table.stride(0);
-  std::vector<std::vector<Span>> spans(n_rows);
+  const auto spans = all_row_spans(rows, sh.B, block_table, seg_ptr, segs, src_blocks);
   struct Item { int row, g, q0, q1; };
   std::vector<Item> items;
   for (int r = 0; r < n_rows; ++r) {
     const int32_t* x = rw + r * 4;  // q_start, q_len, seq_len, table row
-    spans[r] = row_spans(x[2], sh.B, bt + x[3] * bt_stride, sg ? sg + sp[r] * 5 : nullptr,
-                         sp[r + 1] - sp[r], sb);
     for (int g = 0; g < sh.Hkv; ++g)
       for (int q0 = 0; q0 < x[1]; q0 += QTILE)
         items.push_back({r, g, q0, std::min(x[1], q0 + QTILE)});
@@ -451,16 +470,8 @@ void materialize_rows(const torch::Tensor& kv_cache, torch::Tensor& scratch,
   const int32_t* rw = rows.data_ptr<int32_t>();
   const int32_t* sp = seg_ptr.data_ptr<int32_t>();
   const int32_t* sg = segs.numel() ? segs.data_ptr<int32_t>() : nullptr;
-  const int32_t* sb = src_blocks.numel() ? src_blocks.data_ptr<int32_t>() : nullptr;
-  const int32_t* bt = block_table.data_ptr<int32_t>();
   const int32_t* fb = first_block.data_ptr<int32_t>();
-  const int64_t bt_stride = block_table.stride(0);
-  std::vector<std::vector<Span>> spans(n_rows);
-  for (int r = 0; r < n_rows; ++r) {
-    const int32_t* x = rw + r * 4;
-    spans[r] = row_spans(x[2], B, bt + x[3] * bt_stride, sg ? sg + sp[r] * 5 : nullptr,
-                         sp[r + 1] - sp[r], sb);
-  }
+  const auto spans = all_row_spans(rows, B, block_table, seg_ptr, segs, src_blocks);
   const T* kvp = kv_cache.data_ptr<T>();
   T* out = scratch.data_ptr<T>();
   const double* fr = inv_freq.data_ptr<double>();
@@ -472,11 +483,7 @@ void materialize_rows(const torch::Tensor& kv_cache, torch::Tensor& scratch,
       for (const Span& x : spans[r]) {
         const T* st = kvp + (static_cast<int64_t>(x.block) * Hkv + g) * tile;
         if (x.seg >= 0 && x.seg != cur_seg) {
-          const double delta = sg[(sp[r] + x.seg) * 5 + 2];
-          for (int i = 0; i < half; ++i) {
-            cs[i] = static_cast<float>(std::cos(delta * fr[i]));
-            cs[half + i] = static_cast<float>(std::sin(delta * fr[i]));
-          }
+          rotation_of(sg[(sp[r] + x.seg) * 5 + 2], fr, half, cs.data());
           cur_seg = x.seg;
         }
         int p = x.pos, o = x.off, left = x.n;
