@@ -163,6 +163,25 @@ def test_failing_kernel_paths_fall_back_to_the_oracle(engines, reference, monkey
     assert _delta(_stats(llm), s0, "borrowed_runs") >= 2
 
 
+def test_borrowers_are_admitted_on_the_blocks_they_own(engines, reference):
+    """vLLM admits a request only if its whole prompt fits in the free blocks. A borrower
+    owns no block over its borrowed range, so it is admitted next to its running source
+    even where the pool could not hold a second full copy: with 28 usable blocks and the
+    source holding 15-16 while it decodes 48 tokens, two followers (15-16 logical blocks,
+    4-5 of their own) run beside it, and the three finish in about 50 steps. Under vLLM's
+    own gate each follower waits for 15 free blocks, i.e. for the source to finish: about
+    100 steps."""
+    llm = _shared_k0(engines, blocks=29)
+    prompts = [A, *SAME_CONTEXT[:2]]
+    s0 = _stats(llm)
+    outs = _greedy(llm, prompts, max_tokens=48)
+    s1 = _stats(llm)
+    assert outs == [reference[tuple(p)] for p in prompts]
+    assert _delta(s1, s0, "borrowed_runs") == 2
+    assert _delta(s1, s0, "step") < 70, "followers waited for a full prompt's free blocks"
+    assert s1["physical_blocks"] == 0 and s1["held_source_blocks"] == 0
+
+
 def test_preemption_of_borrowers_completes_exactly_and_leaks_nothing(engines, reference):
     llm = _shared_k0(engines, blocks=30)
     s0 = _stats(llm)

@@ -13,6 +13,10 @@ Extends ``vllm.v1.core.kv_cache_manager.KVCacheManager``:
   kvdedup's counters at the same point vLLM counts its own, so unscheduled lookups are
   not counted twice.
 * ``free``: forgets the request's ledger cursor (preemption and finish free blocks).
+* shared mode, admission: vLLM admits a new request only if its whole prompt fits in the
+  free blocks (``full_sequence_must_fit``, on by default). A borrower holds no block over
+  its borrowed ranges, so for a request with ``borrowed_tokens(request) > 0`` the gate
+  counts only the blocks it will own (``_fits_full``) and vLLM's own gate is skipped.
 * sequence and shared modes: ``cache_limit(request_id)`` caps which tokens may be
   registered in the prefix cache (vLLM's own caching is deferred and redone up to the cap).
 * shared mode (``install_shared``): ``place_borrow`` puts the pool's null block in a
@@ -32,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+from vllm.v1.request import RequestStatus
 
 from dedup.ledger import BlockLedger
 
@@ -83,6 +88,7 @@ class VerifiedKVCacheManager(KVCacheManager):
         self._recorded: dict[str, int] = {}        # request id -> blocks recorded
         self._pending: dict[str, tuple[int, int]] = {}  # request id -> (verified, rejected)
         self._unsent_nulls: dict[str, int] = {}    # request id -> placeholders not yet sent
+        self.borrowed_tokens = None  # request -> prompt tokens it will borrow (shared mode)
 
     # -- lookup ------------------------------------------------------------------------
     def get_computed_blocks(self, request):
@@ -122,6 +128,13 @@ class VerifiedKVCacheManager(KVCacheManager):
                        num_external_computed_tokens: int = 0,
                        delay_cache_blocks: bool = False, **kwargs):
         before = request.num_computed_tokens
+        if kwargs.get("full_sequence_must_fit") and self.borrowed_tokens is not None:
+            borrowed = self.borrowed_tokens(request)
+            if borrowed:
+                if not self._fits_full(request, borrowed, new_computed_blocks,
+                                       kwargs.get("has_scheduled_reqs", True)):
+                    return None
+                kwargs["full_sequence_must_fit"] = False
         limit = self.cache_limit(request.request_id) if self.cache_limit else None
         capped = limit is not None and not delay_cache_blocks and self.enable_caching
         out = super().allocate_slots(
@@ -150,6 +163,23 @@ class VerifiedKVCacheManager(KVCacheManager):
             self._recorded[request.request_id] = cached_upto
         return out
 
+    def _fits_full(self, request, borrowed: int, new_computed_blocks,
+                   has_scheduled_reqs: bool) -> bool:
+        """vLLM's full-prompt admission gate, for a request that will hold no block over
+        ``borrowed`` prompt tokens (whole blocks): the blocks it will own, plus prefix hits
+        that sit in the free queue, plus vLLM's watermark, must fit in the free blocks."""
+        B = self.block_size
+        mgr = self.coordinator.single_type_managers[0]
+        hits = list(new_computed_blocks.blocks[0]) if new_computed_blocks is not None else []
+        owned = len(mgr.req_to_blocks.get(request.request_id, ())) + len(hits)
+        full = min(request.num_tokens, self.max_model_len)
+        need = max(0, -(-full // B) - borrowed // B - owned)
+        need += sum(b.ref_cnt == 0 and not b.is_null for b in hits)
+        if has_scheduled_reqs and request.status in (RequestStatus.WAITING,
+                                                     RequestStatus.PREEMPTED):
+            need += self.watermark_blocks
+        return need <= self.block_pool.get_num_free_blocks()
+
     def free(self, request) -> None:
         self._recorded.pop(request.request_id, None)
         self._pending.pop(request.request_id, None)
@@ -164,6 +194,7 @@ class VerifiedKVCacheManager(KVCacheManager):
 
         SharedBlockPool.install(self.block_pool, on_reuse=state.on_reuse,
                                 protected=state.protected if protect else None)
+        self.borrowed_tokens = state.borrowed_tokens
 
     def place_borrow(self, request_id: str, start: int, end: int) -> bool:
         """Null placeholders over positions [start, end) (whole blocks) of a running

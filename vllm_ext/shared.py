@@ -177,6 +177,12 @@ class SharedState(SequenceState):
         self.reserved += need
         return True
 
+    def borrowed_tokens(self, request) -> int:
+        """Prompt tokens the request's plan borrows and has not yet jumped over (the
+        admission gate counts no block of its own for them)."""
+        p = self.plans.get(request.request_id)
+        return sum(b.num_tokens for b in p.injections) if p is not None else 0
+
     def begin_step(self, running) -> None:
         """Claims as in sequence mode; borrows allocate nothing, so only decode growth
         (one block per running request) is reserved."""
