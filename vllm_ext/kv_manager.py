@@ -169,9 +169,8 @@ class VerifiedKVCacheManager(KVCacheManager):
         ``borrowed`` prompt tokens (whole blocks): the blocks it will own, plus prefix hits
         that sit in the free queue, plus vLLM's watermark, must fit in the free blocks."""
         B = self.block_size
-        mgr = self.coordinator.single_type_managers[0]
         hits = list(new_computed_blocks.blocks[0]) if new_computed_blocks is not None else []
-        owned = len(mgr.req_to_blocks.get(request.request_id, ())) + len(hits)
+        owned = self.num_request_blocks(request.request_id) + len(hits)
         full = min(request.num_tokens, self.max_model_len)
         need = max(0, -(-full // B) - borrowed // B - owned)
         need += sum(b.ref_cnt == 0 and not b.is_null for b in hits)
