@@ -41,6 +41,7 @@ ARM_STYLE = {
     "shared": {"color": "#d62728", "marker": "*", "label": "kvdedup shared"},
     "shared-lru": {"color": "#9467bd", "marker": "v", "label": "shared, LRU eviction"},
     "shared-fcfs": {"color": "#8c564b", "marker": "P", "label": "shared, FCFS admission"},
+    "shared-gate": {"color": "#e377c2", "marker": "X", "label": "shared, gate-only admission"},
 }
 _CDF_POINTS = 400
 _MAX_CDF_COLUMNS = 4

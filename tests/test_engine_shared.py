@@ -55,7 +55,14 @@ def reference(engines):
     llm = engines.get("stock-noapc", **TINY, num_gpu_blocks_override=80, dedup="off",
                       enable_prefix_caching=False)
     prompts = [A, *SAME_CONTEXT, *MIXED, LONG_TAIL]
-    return {tuple(p): o for p, o in zip(prompts, _greedy(llm, prompts, max_tokens=48))}
+    return {tuple(p): o for p, o in zip(prompts, _greedy(llm, prompts, max_tokens=LONG))}
+
+
+LONG = 128  # reference tokens; a test compares the first max_tokens of them
+
+
+def _ref(reference, prompts, n=48):
+    return [reference[tuple(p)][:n] for p in prompts]
 
 
 def _shared_k0(engines, blocks=30):
@@ -67,13 +74,13 @@ def _shared_k0(engines, blocks=30):
 
 def test_run_borrowed_from_identical_context_gives_the_exact_output(engines, reference):
     llm = _shared_k0(engines)
-    assert _greedy(llm, [A]) == [reference[tuple(A)][:16]]
+    assert _greedy(llm, [A]) == _ref(reference, [A], 16)
     s0 = _stats(llm)
     out = _greedy(llm, [SAME_CONTEXT[0]])
     s1 = _stats(llm)
     assert _delta(s1, s0, "borrowed_runs") >= 1
     assert _delta(s1, s0, "borrowed_tokens") >= 320          # 10+ whole blocks of D
-    assert out == [reference[tuple(SAME_CONTEXT[0])][:16]]
+    assert out == _ref(reference, SAME_CONTEXT[:1], 16)
     assert s1["physical_blocks"] == 0 and s1["held_source_blocks"] == 0
 
 
@@ -83,7 +90,7 @@ def test_concurrent_borrowers_hold_one_copy_and_release_it(engines, reference):
     s0 = _stats(llm)
     outs = _greedy(llm, SAME_CONTEXT, max_tokens=48)
     s1 = _stats(llm)
-    assert outs == [reference[tuple(p)] for p in SAME_CONTEXT]
+    assert outs == _ref(reference, SAME_CONTEXT)
     assert _delta(s1, s0, "borrowed_runs") >= 6
     assert s1["peak_physical_blocks"] < 0.7 * s1["peak_logical_blocks"]
     assert s1["physical_blocks"] == 0 and s1["held_source_blocks"] == 0
@@ -124,7 +131,7 @@ def test_borrowers_and_plain_requests_in_one_batch(engines, reference):
     _greedy(llm, [A], max_tokens=1)
     prompts = [MIXED[0], SAME_CONTEXT[2], MIXED[1], SAME_CONTEXT[3]]
     outs = _greedy(llm, prompts, max_tokens=48)
-    assert outs == [reference[tuple(p)] for p in prompts]
+    assert outs == _ref(reference, prompts)
 
 
 def test_prefill_sized_borrower_rows_through_vllms_kernel(engines, reference, monkeypatch):
@@ -145,7 +152,7 @@ def test_prefill_sized_borrower_rows_through_vllms_kernel(engines, reference, mo
         s0 = _stats(llm)
         outs[min_q] = _greedy(llm, prompts, max_tokens=48)
         assert _delta(_stats(llm), s0, "borrowed_runs") >= 3
-    assert outs["1"][1:] == [reference[tuple(p)] for p in prompts[1:]]
+    assert outs["1"][1:] == _ref(reference, prompts[1:])
     assert outs["1"] == outs["1000000"]
 
 
@@ -159,7 +166,7 @@ def test_failing_kernel_paths_fall_back_to_the_oracle(engines, reference, monkey
     _greedy(llm, [A], max_tokens=1)
     s0 = _stats(llm)
     prompts = [LONG_TAIL, SAME_CONTEXT[5], MIXED[1]]
-    assert _greedy(llm, prompts, max_tokens=48) == [reference[tuple(p)] for p in prompts]
+    assert _greedy(llm, prompts, max_tokens=48) == _ref(reference, prompts)
     assert _delta(_stats(llm), s0, "borrowed_runs") >= 2
 
 
@@ -176,20 +183,22 @@ def test_borrowers_are_admitted_on_the_blocks_they_own(engines, reference):
     s0 = _stats(llm)
     outs = _greedy(llm, prompts, max_tokens=48)
     s1 = _stats(llm)
-    assert outs == [reference[tuple(p)] for p in prompts]
+    assert outs == _ref(reference, prompts)
     assert _delta(s1, s0, "borrowed_runs") == 2
     assert _delta(s1, s0, "step") < 70, "followers waited for a full prompt's free blocks"
     assert s1["physical_blocks"] == 0 and s1["held_source_blocks"] == 0
 
 
 def test_preemption_of_borrowers_completes_exactly_and_leaks_nothing(engines, reference):
+    # Admission promises each running request one block of decode growth; outputs of 128
+    # tokens need four, so decode outgrows the 30-block pool and preempts.
     llm = _shared_k0(engines, blocks=30)
     s0 = _stats(llm)
-    outs = _greedy(llm, SAME_CONTEXT, max_tokens=48)
+    outs = _greedy(llm, SAME_CONTEXT, max_tokens=LONG)
     s1 = _stats(llm)
     assert _delta(s1, s0, "preemptions") > 0, "30 blocks did not force preemption"
     assert _delta(s1, s0, "borrowed_runs") > 0
-    assert outs == [reference[tuple(p)] for p in SAME_CONTEXT]
+    assert outs == _ref(reference, SAME_CONTEXT, LONG)
     assert s1["physical_blocks"] == 0 and s1["held_source_blocks"] == 0
 
 

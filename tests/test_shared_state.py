@@ -8,6 +8,7 @@ import pytest
 
 from tests.fakes import request as _req
 from tests.fakes import tokens as _tokens
+from vllm_ext.sequence import MAX_BYPASS
 from vllm_ext.shared import SharedState
 
 B = 32
@@ -42,16 +43,27 @@ class FakePool:
     def held(self) -> int:
         return sum(self.refs.values())
 
+    def num_request_blocks(self, rid):
+        return len(self.tables.get(rid, ()))
+
+    free = 10_000  # what num_free_blocks reports (tests set it)
+
+    def num_free_blocks(self):
+        return self.free
+
+    def num_usable_blocks(self):
+        return 10_000
+
 
 
 
 class Engine:
     """Steps requests through a SharedState the way DedupScheduler does."""
 
-    def __init__(self, k=32, min_inject=32):
+    def __init__(self, k=32, min_inject=32, admission="group"):
         self.pool = FakePool()
         self.state = SharedState(block_size=B, bytes_per_token=8, k=k, pool=self.pool,
-                                 min_inject=min_inject)
+                                 min_inject=min_inject, admission=admission)
         self.next_block = 1
 
     def step(self, req, budget=4096):
@@ -173,18 +185,94 @@ def test_chunks_seen_in_two_prompts_are_protected():
     assert e.state.protected(blk)
 
 
-def test_admission_counts_the_free_sources_it_takes():
-    e = Engine()
+@pytest.mark.parametrize("admission", ["gate", "group"])
+def test_admission_counts_the_free_sources_it_takes(admission):
+    e = Engine(admission=admission)
     doc = _tokens(21, 800)
     a = _req("a", _tokens(22, 30) + doc + [5])
-    e.run(a)
+    e.run(a)                                       # a is decoding (running)
     b = _req("b", _tokens(23, 60) + doc + [6])
-    e.state.begin_step([])
+    e.state.begin_step([a])
     assert e.state.clip(b, 0, 4096, free_blocks=3) == 0   # ~25 free source blocks needed
     assert "b" not in e.state.plans and e.pool.held() == 0
-    e.state.begin_step([])
+    e.state.begin_step([a])
     assert e.state.clip(b, 0, 4096, free_blocks=1000) > 0
     assert e.pool.held() > 0
+
+
+def test_promised_blocks_of_running_prompts_are_kept_free():
+    """A running request's remaining prompt blocks and one decode block each are promised:
+    a new request is admitted only if its own blocks (+1) fit beside them."""
+    e = Engine()
+    c = _req("c", _tokens(30, 2000))
+    e.step(c, budget=512)                          # ~16 of its 63 blocks allocated
+    rest = 63 - len(e.pool.tables["c"])
+    assert 0 < rest < 63
+    d = _req("d", _tokens(31, 300))                # 10 blocks, + 1 for decode
+    e.state.begin_step([c])
+    assert e.state.promised() == rest + 1
+    assert e.state.clip(d, 0, 4096, free_blocks=rest + 1 + 10) == 0
+    e.state.begin_step([c])
+    assert e.state.clip(d, 0, 4096, free_blocks=rest + 1 + 11) > 0
+    gate = Engine(admission="gate")                # the gate alone passes it
+    gate.step(_req("c", _tokens(30, 2000)), budget=512)
+    gate.state.begin_step([c])
+    assert gate.state.clip(_req("d", _tokens(31, 300)), 0, 4096, free_blocks=rest + 11) > 0
+
+
+def test_nothing_running_admits_whatever_the_promise():
+    e = Engine()
+    e.state.begin_step([])
+    assert e.state.clip(_req("d", _tokens(31, 300)), 0, 4096, free_blocks=2) > 0
+
+
+def _group(e, doc):
+    """A running request and three waiting prompts that contain ``doc``."""
+    x = _req("x", _tokens(40, 100))
+    e.run(x)
+    waiting = [_req(f"f{i}", _tokens(41 + i, 60 + 10 * i) + doc + [i]) for i in range(3)]
+    return x, waiting
+
+
+def test_group_hold_waits_until_a_first_occurrence_and_its_followers_fit():
+    e = Engine()
+    doc = _tokens(50, 800)
+    x, waiting = _group(e, doc)
+    f1 = waiting[0]
+    e.pool.free = 30       # f1 alone (28 blocks) fits, not with its two followers
+    e.state.begin_step([x], waiting)
+    assert e.state.should_hold(f1, 0)
+    assert e.state.stats()["shared_group_held"] == 1
+    e.pool.free = 60
+    e.state.begin_step([x], waiting)
+    assert not e.state.should_hold(f1, 0)
+    e.pool.free = 30       # a prompt without followers is never group-held
+    e.state.begin_step([x], [f1, _req("y", _tokens(60, 900))])
+    assert not e.state.should_hold(f1, 0)
+
+
+def test_group_hold_never_starves():
+    e = Engine()
+    doc = _tokens(51, 800)
+    x, waiting = _group(e, doc)
+    e.pool.free = 30
+    e.state.begin_step([], waiting)                # nothing running: nothing would free
+    assert not e.state.should_hold(waiting[0], 0)
+    for _ in range(MAX_BYPASS):
+        e.state.begin_step([x], waiting)
+        assert e.state.should_hold(waiting[0], 0)
+    e.state.begin_step([x], waiting)
+    assert not e.state.should_hold(waiting[0], 0)  # held MAX_BYPASS steps: it goes
+    gate = Engine(admission="gate")
+    x, waiting = _group(gate, doc)
+    gate.pool.free = 30
+    gate.state.begin_step([x], waiting)
+    assert not gate.state.should_hold(waiting[0], 0)
+
+
+def test_admission_option_is_checked():
+    with pytest.raises(ValueError, match="admission must be group or gate"):
+        SharedState(block_size=B, bytes_per_token=8, k=32, pool=FakePool(), admission="x")
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="option of the run-reusing modes, repeatable: k (tokens recomputed at "
                    "the start of each reused run), tail (at its end), min_inject, store_bytes (sequence), "
                    "eviction=frequency|lru (shared), order=reuse|fcfs (admit "
-                   "requests that can reuse a run now first, or vLLM's order)")
+                   "requests that can reuse a run now first, or vLLM's order), "
+                   "admission=group|gate (shared)")
     s.add_argument("--print-cmd", action="store_true", help="print the raw command and exit")
     args, rest = p.parse_known_args(argv)
     try:

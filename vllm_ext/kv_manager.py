@@ -219,6 +219,14 @@ class VerifiedKVCacheManager(KVCacheManager):
         """How many of these blocks sit in the free queue (holding them uses free room)."""
         return sum(self.block_pool.blocks[i].ref_cnt == 0 for i in block_ids)
 
+    def num_free_blocks(self) -> int:
+        """Blocks the pool can hand out now (free queue, cached ones included)."""
+        return self.block_pool.get_num_free_blocks()
+
+    def num_usable_blocks(self) -> int:
+        """Blocks requests can ever hold (the pool less its null block)."""
+        return self.block_pool.num_gpu_blocks - 1
+
     def num_borrowed_blocks(self, request_id: str) -> int:
         """Placeholders in a request's block table (blocks it reads but does not hold)."""
         blocks = self.coordinator.single_type_managers[0].req_to_blocks.get(request_id, ())

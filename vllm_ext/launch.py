@@ -20,7 +20,9 @@ imported only when an engine is built.
   needs kvdedup's attention backend, installed by the general plugin when
   ``KVDEDUP_SHARED_ATTENTION=1`` (``dedup_env``: set here and by ``kvdedup serve``).
   ``dedup_options``: ``k``, ``tail``, ``min_inject``, ``eviction`` ("frequency", default, or
-  "lru"), ``order`` (as for ``sequence``).
+  "lru"), ``order`` (as for ``sequence``), ``admission`` ("group", default: running
+  requests' remaining blocks are promised and a document's first occurrence waits until
+  its followers fit too; or "gate": only the blocks a borrower owns are counted).
 
 Options for evaluation and tests only: ``inject_prompt_logprobs`` and
 ``debug_collide_hashes`` (see ``vllm_ext.scheduler``).
@@ -60,14 +62,16 @@ OWNED = ("scheduler_cls", "kv_transfer_config")
 #: Options of the run-reusing modes (``dedup_options``, ``--dedup-option KEY=VALUE``, a
 #: config's ``sequence:``) with the scheduler's defaults: tokens recomputed at the start of
 #: each reused run, at its end, the sequence store's budget in bytes, the shortest run worth
-#: reusing, shared mode's free-queue order, the admission order of waiting requests.
+#: reusing, shared mode's free-queue order, the admission order of waiting requests, shared
+#: mode's admission rule (``vllm_ext.shared``).
 #: Integer options are >= 0; the others take a choice.
 DEDUP_OPTIONS = {"k": 32, "tail": 0, "store_bytes": 1 << 30, "min_inject": 32,
-                 "eviction": "frequency", "order": "reuse"}
-OPTION_CHOICES = {"eviction": ("frequency", "lru"), "order": ("reuse", "fcfs")}
+                 "eviction": "frequency", "order": "reuse", "admission": "group"}
+OPTION_CHOICES = {"eviction": ("frequency", "lru"), "order": ("reuse", "fcfs"),
+                  "admission": ("group", "gate")}
 #: The options each mode reads.
 MODE_OPTIONS = {"sequence": ("k", "tail", "store_bytes", "min_inject", "order"),
-                "shared": ("k", "tail", "min_inject", "eviction", "order")}
+                "shared": ("k", "tail", "min_inject", "eviction", "order", "admission")}
 #: Set (unless already set) wherever kvdedup starts an engine or a server: the offline
 #: ``LLM``, ``kvdedup serve``, the experiment runner and its servers. vLLM 0.32's CPU
 #: worker otherwise keeps cores away from the model: one per worker, and one more when a

@@ -167,8 +167,8 @@ class DedupScheduler(Scheduler):
                 to = seq.jump(request)
                 if to is not None:
                     request.num_computed_tokens = to
-            seq.begin_step(self.running)
             self._reorder_waiting(seq)
+            seq.begin_step(self.running, islice(self.waiting, ORDER_WINDOW))
         out = super().schedule(*args, **kwargs)
         self._starts[id(out)] = start
         self._step += 1

@@ -199,10 +199,11 @@ class SequenceState:
                 self.bypassed[rid] = self.bypassed.get(rid, 0) + 1
         return [head[i] for i in order] + rest
 
-    def begin_step(self, running) -> None:
+    def begin_step(self, running, waiting=()) -> None:
         """Before vLLM schedules a step: claim the chunks running requests will still
         compute exactly (and capture) in later steps, and reserve the blocks their
-        pending jumps will allocate, plus one block per running request for decode."""
+        pending jumps will allocate, plus one block per running request for decode
+        (``waiting``, the queue in admission order, is read by shared mode only)."""
         self.claimed = set()
         B = self.block_size
         self.reserved = len(running)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,7 +44,7 @@ import numpy as np
 from dedup.hashing import Chunk
 from dedup.planner import ChunkSource, borrow_range
 
-from .sequence import RequestPlan, SequenceState
+from .sequence import MAX_BYPASS, ORDER_WINDOW, RequestPlan, SequenceState
 
 logger = logging.getLogger("kvdedup")
 DEBUG = os.environ.get("KVDEDUP_DEBUG") == "1"
@@ -93,12 +94,18 @@ class BlockHolder(Protocol):
     def hold(self, block_ids: list[int]) -> None: ...
     def release(self, block_ids: list[int]) -> None: ...
     def num_evictable(self, block_ids: list[int]) -> int: ...
+    def num_usable_blocks(self) -> int: ...
     def place_borrow(self, request_id: str, start: int, end: int) -> bool: ...
+    def num_request_blocks(self, request_id: str) -> int: ...
+    def num_free_blocks(self) -> int: ...
 
 
 class SharedState(SequenceState):
     def __init__(self, block_size: int, bytes_per_token: int, k: int, pool: BlockHolder,
-                 min_inject: int = 32, **kwargs) -> None:
+                 min_inject: int = 32, admission: str = "group", **kwargs) -> None:
+        if admission not in ("group", "gate"):
+            raise ValueError(f"admission must be group or gate, got {admission!r}")
+        self.admission = admission
         # The index holds metadata only: the pool bounds what is stored.
         super().__init__(block_size, bytes_per_token, store_bytes=1 << 62, k=k,
                          min_inject=min_inject, **kwargs)
@@ -112,6 +119,11 @@ class SharedState(SequenceState):
         self.edge_tokens = 0
         self.shared_evictions = 0
         self.cancelled = 0
+        self.running: list = []                       # vLLM's live running list (this step)
+        self.followers: dict[bytes, list] = {}        # chunk -> waiting (request, tokens)
+        self.group_held_ids: set[str] = set()         # live requests group-held at least once
+        self.group_held = 0                           # requests group-held (cumulative)
+        self.group_steps: Counter = Counter()         # request -> steps it was group-held
 
     # -- admission ----------------------------------------------------------------------
     def chunks(self, request) -> list[Chunk]:
@@ -165,17 +177,47 @@ class SharedState(SequenceState):
                           edge_tokens=(stop - inj.stop) + (inj.end - end))
 
     def _admit(self, request, p: RequestPlan, start: int, free_blocks: int) -> bool:
-        """Borrows allocate nothing; a new plan takes at once the cached free sources it
-        holds and, step by step, its own blocks up to its first borrow."""
-        if not p.injections:
-            return True
+        """Does a new request fit beside the running ones? ``free_blocks`` was read before
+        the plan held its sources, so the cached free sources it took (``taken``) count.
+
+        ``admission="group"``: the request needs every block it will own (its prompt less
+        what it hit or borrows) plus one for decode, out of the free blocks less those
+        promised to running requests (``promised``); with nothing running, vLLM's own gate
+        decides. ``"gate"``: a borrower needs its blocks up to its first borrow, other
+        requests pass (vLLM's gate counts their whole prompt)."""
         B = self.block_size
-        need = self.taken.pop(request.request_id, 0) + max(
-            0, p.injections[0].stop // B - start // B)
-        if need > free_blocks - self.reserved:
-            return False
-        self.reserved += need
-        return True
+        taken = self.taken.pop(request.request_id, 0)
+        if self.admission == "gate":
+            if not p.injections:
+                return True
+            need = taken + max(0, p.injections[0].stop // B - start // B)
+            if need > free_blocks - self.reserved:
+                return False
+            self.reserved += need
+            return True
+        if not self.running:
+            return True
+        need = taken + max(0, self._own_blocks(request, p.injections) - start // B) + 1
+        return need <= free_blocks - self.promised()
+
+    def _own_blocks(self, request, borrows) -> int:
+        """Blocks a request's prompt occupies in its own table, less the ``borrows`` still
+        to be placed (each a run of whole placeholder blocks)."""
+        B = self.block_size
+        return -(-len(request.prompt_token_ids) // B) - sum(b.num_tokens // B for b in borrows)
+
+    def promised(self) -> int:
+        """Blocks the running requests will still allocate: the rest of each one's prompt
+        (less its pending borrows) and one block of decode growth each. Read from vLLM's
+        live running list, so a request admitted earlier in this step counts with the
+        blocks its first chunk already took."""
+        n = 0
+        for r in self.running:
+            p = self.plans.get(r.request_id)
+            pending = p.injections if p is not None else ()
+            n += max(0, self._own_blocks(r, pending)
+                     - self.pool.num_request_blocks(r.request_id)) + 1
+        return n
 
     def borrowed_tokens(self, request) -> int:
         """Prompt tokens the request's plan borrows and has not yet jumped over (the
@@ -183,11 +225,71 @@ class SharedState(SequenceState):
         p = self.plans.get(request.request_id)
         return sum(b.num_tokens for b in p.injections) if p is not None else 0
 
-    def begin_step(self, running) -> None:
-        """Claims as in sequence mode; borrows allocate nothing, so only decode growth
-        (one block per running request) is reserved."""
+    def begin_step(self, running, waiting=()) -> None:
+        """Claims as in sequence mode; borrows allocate nothing, so ``admission="gate"``
+        reserves only decode growth (one block per running request), and ``"group"``
+        reads the running requests' promised blocks when it admits (``promised``). Notes
+        which waiting requests (the first ``ORDER_WINDOW``) contain each chunk, for the
+        group hold."""
         super().begin_step(running)
         self.reserved = len(running)
+        self.running = running
+        self.followers = {}
+        if self.admission != "group":
+            return
+        for r in islice(waiting, ORDER_WINDOW):
+            if r.request_id in self.plans or r.num_computed_tokens or not self._may_reuse(r):
+                continue
+            for c in self.chunks(r):
+                self.followers.setdefault(c.digest, []).append((r, c.end - c.start))
+
+    def should_hold(self, request, start: int) -> bool:
+        """Followers wait for their owner (sequence mode's rule); with
+        ``admission="group"`` a first occurrence also waits while it and its followers
+        do not fit.
+
+        Group hold: a fresh request that would compute chunks that other waiting
+        requests contain (at least ``k + min_inject`` tokens each: its *followers*) is
+        held while the free blocks, less the promised ones, cannot take its own blocks
+        and every follower's (its prompt less the blocks it would borrow), plus one
+        decode block each. Otherwise a small pool fills with first occurrences whose
+        followers cannot be admitted until one finishes, by when the pool has handed out
+        their sources. A request is not held when nothing runs (nothing would free
+        blocks), nor after ``MAX_BYPASS`` steps held, so it never starves; a group that
+        exceeds the whole pool waits only for the pool to drain."""
+        if super().should_hold(request, start):
+            return True
+        if self.admission != "group" or not self.running or not self.followers \
+                or request.request_id in self.plans or request.num_computed_tokens != 0 \
+                or self.group_steps[request.request_id] >= MAX_BYPASS:
+            return False
+        B = self.block_size
+        new = [c for c in self.chunks(request) if c.start >= start
+               and c.digest not in self.index and c.digest not in self.claimed]
+        shared: Counter = Counter()
+        who: dict[str, object] = {}
+        for c in new:
+            for r, n in self.followers.get(c.digest, ()):
+                if r.request_id != request.request_id:
+                    shared[r.request_id] += n
+                    who[r.request_id] = r
+        need_each = self.k + self.min_inject
+        group = [(who[rid], n) for rid, n in shared.items() if n >= need_each]
+        if not group:
+            return False
+        indexed = sum(c.end - c.start for c in self.chunks(request) if c.digest in self.index)
+        need = max(0, -(-len(request.prompt_token_ids) // B) - start // B
+                   - max(0, indexed - self.k) // B) + 1
+        for r, n in group:
+            need += max(0, -(-len(r.prompt_token_ids) // B) - max(0, n - self.k) // B) + 1
+        need = min(need, self.pool.num_usable_blocks())
+        if need <= self.pool.num_free_blocks() - self.promised():
+            return False
+        self.group_steps[request.request_id] += 1
+        if request.request_id not in self.group_held_ids:
+            self.group_held_ids.add(request.request_id)
+            self.group_held += 1
+        return True
 
     def _take_run(self, request, p: RequestPlan) -> int | None:
         """Shared mode (``jump`` calls it for each run the request stands at): the request
@@ -255,11 +357,16 @@ class SharedState(SequenceState):
         if held:
             self.pool.release(held)
 
+    def finish(self, request_id: str) -> None:
+        super().finish(request_id)
+        self.group_held_ids.discard(request_id)
+        self.group_steps.pop(request_id, None)
+
     def stats(self) -> dict:
         st = super().stats()
         st.update(store_bytes=0, store_entries=len(self.index),
                   store_evictions=self.shared_evictions,
                   borrowed_runs=self.hits, borrowed_tokens=self.tokens_reused,
-                  shared_edge_tokens=self.edge_tokens,
+                  shared_edge_tokens=self.edge_tokens, shared_group_held=self.group_held,
                   held_source_blocks=len({b for h in self.holds.values() for b in h}))
         return st
