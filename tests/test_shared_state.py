@@ -51,8 +51,10 @@ class FakePool:
     def num_free_blocks(self):
         return self.free
 
+    usable = 10_000  # what num_usable_blocks reports (tests set it)
+
     def num_usable_blocks(self):
-        return 10_000
+        return self.usable
 
 
 
@@ -249,6 +251,24 @@ def test_group_hold_waits_until_a_first_occurrence_and_its_followers_fit():
     e.pool.free = 30       # a prompt without followers is never group-held
     e.state.begin_step([x], [f1, _req("y", _tokens(60, 900))])
     assert not e.state.should_hold(f1, 0)
+
+
+def test_group_hold_waits_for_half_the_pool_at_most():
+    """A group bigger than half the pool (here 3 followers of 28-29 blocks' prompts, about
+    40 blocks in all with the source's 28) goes once half the usable pool is free."""
+    e = Engine()
+    doc = _tokens(52, 800)
+    x, waiting = _group(e, doc)
+    e.pool.usable = 60                             # half: 30
+    e.state.begin_step([x], waiting)
+    e.pool.free = 30 + e.state.promised() - 1
+    assert e.state.should_hold(waiting[0], 0)
+    e.pool.free += 1
+    e.state.begin_step([x], waiting)
+    assert not e.state.should_hold(waiting[0], 0)
+    e.pool.usable = 10_000                         # the whole group (about 40) must fit
+    e.state.begin_step([x], waiting)
+    assert e.state.should_hold(waiting[0], 0)
 
 
 def test_group_hold_never_starves():

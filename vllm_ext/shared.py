@@ -47,6 +47,10 @@ from dedup.planner import ChunkSource, borrow_range
 from .sequence import MAX_BYPASS, ORDER_WINDOW, RequestPlan, SequenceState
 
 logger = logging.getLogger("kvdedup")
+#: The group hold waits for at most this share of the usable pool: a group larger than
+#: that (a RAG prompt's passages recur in most waiting prompts) is admitted once half the
+#: pool is free, instead of waiting for the running requests to drain it.
+GROUP_SHARE = 0.5
 DEBUG = os.environ.get("KVDEDUP_DEBUG") == "1"
 
 
@@ -255,8 +259,8 @@ class SharedState(SequenceState):
         decode block each. Otherwise a small pool fills with first occurrences whose
         followers cannot be admitted until one finishes, by when the pool has handed out
         their sources. A request is not held when nothing runs (nothing would free
-        blocks), nor after ``MAX_BYPASS`` steps held, so it never starves; a group that
-        exceeds the whole pool waits only for the pool to drain."""
+        blocks), nor after ``MAX_BYPASS`` steps held, so it never starves; a group is never
+        held for more than ``GROUP_SHARE`` of the usable pool."""
         if super().should_hold(request, start):
             return True
         if self.admission != "group" or not self.running or not self.followers \
@@ -282,7 +286,7 @@ class SharedState(SequenceState):
                    - max(0, indexed - self.k) // B) + 1
         for r, n in group:
             need += max(0, -(-len(r.prompt_token_ids) // B) - max(0, n - self.k) // B) + 1
-        need = min(need, self.pool.num_usable_blocks())
+        need = min(need, int(self.pool.num_usable_blocks() * GROUP_SHARE))
         if need <= self.pool.num_free_blocks() - self.promised():
             return False
         self.group_steps[request.request_id] += 1
