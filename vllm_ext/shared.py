@@ -125,9 +125,8 @@ class SharedState(SequenceState):
         self.cancelled = 0
         self.running: list = []                       # vLLM's live running list (this step)
         self.followers: dict[bytes, list] = {}        # chunk -> waiting (request, tokens)
-        self.group_held_ids: set[str] = set()         # live requests group-held at least once
         self.group_held = 0                           # requests group-held (cumulative)
-        self.group_steps: Counter = Counter()         # request -> steps it was group-held
+        self.group_steps: Counter = Counter()         # live request -> steps group-held
 
     # -- admission ----------------------------------------------------------------------
     def chunks(self, request) -> list[Chunk]:
@@ -289,10 +288,9 @@ class SharedState(SequenceState):
         need = min(need, int(self.pool.num_usable_blocks() * GROUP_SHARE))
         if need <= self.pool.num_free_blocks() - self.promised():
             return False
-        self.group_steps[request.request_id] += 1
-        if request.request_id not in self.group_held_ids:
-            self.group_held_ids.add(request.request_id)
+        if not self.group_steps[request.request_id]:
             self.group_held += 1
+        self.group_steps[request.request_id] += 1
         return True
 
     def _take_run(self, request, p: RequestPlan) -> int | None:
@@ -363,7 +361,6 @@ class SharedState(SequenceState):
 
     def finish(self, request_id: str) -> None:
         super().finish(request_id)
-        self.group_held_ids.discard(request_id)
         self.group_steps.pop(request_id, None)
 
     def stats(self) -> dict:
