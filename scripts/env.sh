@@ -41,4 +41,4 @@ source "$VENV/bin/activate"
 cd "$REPO"
 # Shared mode's C++ attention kernel: compiled once per source version (about 30 s),
 # reused from ${KVDEDUP_CACHE}/build after that.
-python -m vllm_ext.kernels build >/dev/null || echo "[kvdedup] warning: the shared-mode kernel did not build; shared mode will refuse to start" >&2
+timeout 900 python -m vllm_ext.kernels build >/dev/null || echo "[kvdedup] warning: the shared-mode kernel did not build; shared mode will refuse to start" >&2

@@ -211,3 +211,24 @@ def test_materialize_refuses_a_scratch_too_small():
         materialize(b["kv_cache"], torch.zeros(total - 1, *b["kv_cache"].shape[1:]),
                     b["rows"], b["block_table"], b["seg_ptr"], b["segs"], b["src_blocks"],
                     b["inv_freq"], first)
+
+
+def test_a_killed_builds_stale_lock_does_not_hang_the_next_load(tmp_path):
+    """torch's build baton (``lock``) outlives a build that was killed; the next load must
+    clear it and go on, not wait forever (this hung a CI run until its time limit)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from vllm_ext.kernels import build_dir, extension
+
+    extension()  # make sure the shared build exists to copy
+    out = tmp_path / "build" / build_dir().name
+    shutil.copytree(build_dir(), out)
+    (out / "lock").touch()
+    env = {**__import__("os").environ, "KVDEDUP_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "vllm_ext.kernels", "build"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "stale build lock" in done.stderr
+    assert not (out / "lock").exists()

@@ -30,9 +30,11 @@ the keys into one contiguous tensor, re-rotates the borrowed ones to the row's p
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -60,6 +62,26 @@ def build_dir() -> Path:
 _FAILURE: list[KernelUnavailable] = []  # a failed build is not retried in this process
 
 
+@contextmanager
+def _build_lock(out: Path):
+    """Serialize builds and loads in ``out`` across processes, and clear a dead build's
+    baton. torch's ``cpp_extension.load`` guards a build with a ``lock`` file that it
+    creates and deletes itself; a build killed in between leaves the file behind, and every
+    later load then waits for it forever. This flock is released by the kernel when its
+    holder dies, so whoever holds it knows no build is in progress and the file is stale."""
+    with open(out / ".kvdedup-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = out / "lock"
+            if stale.exists():
+                print(f"[kvdedup] removing a stale build lock left by a killed build: {stale}",
+                      file=sys.stderr)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @lru_cache(maxsize=1)
 def _load():
     from torch.utils import cpp_extension
@@ -67,10 +89,12 @@ def _load():
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(name="kvdedup_borrowed_attention", sources=[str(SOURCE)],
-                                  extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                                  build_directory=str(out),
-                                  verbose=False)
+        with _build_lock(out):
+            # copies of the flags: load() appends to the lists it is given
+            return cpp_extension.load(name="kvdedup_borrowed_attention",
+                                      sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+                                      extra_ldflags=list(LDFLAGS), build_directory=str(out),
+                                      verbose=False)
     except Exception as exc:  # compiler missing, bad flags, ...
         _FAILURE.append(KernelUnavailable(f"could not build {SOURCE.name} in {out}: {exc}"))
         raise _FAILURE[0] from exc
