@@ -296,7 +296,8 @@ def _sequence_options(raw: Any, where: str) -> dict[str, Any]:
 #: Arms that run a mode with one option changed (ablations).
 ABLATIONS = {"shared-lru": ("shared", {"eviction": "lru"}),
              "shared-fcfs": ("shared", {"order": "fcfs"}),
-             "shared-gate": ("shared", {"admission": "gate"})}
+             "shared-gate": ("shared", {"admission": "gate"}),
+             "shared-k128": ("shared", {"k": 128})}
 
 
 def arm_engine_kwargs(arm: str, sequence: dict | None = None) -> tuple[str, dict[str, Any]]:
