@@ -13,6 +13,7 @@ from typing import Sequence
 
 from analysis import AnalysisError
 from analysis.simulate import SIMULATION_MODEL
+from vllm_ext.launch import DEDUP_OPTIONS
 
 
 def _positive_int(text: str) -> int:
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="chunk_runs avg_len (default: chunk_runs' own default)")
     audit.add_argument("--run-max-len", type=_positive_int, default=None, metavar="T",
                        help="chunk_runs max_len (default: chunk_runs' own default)")
+    audit.add_argument("--k", type=int, default=DEDUP_OPTIONS["k"], metavar="K",
+                       help="shared mode's k for the shared rule: tokens recomputed at the "
+                       f"start of each run (default {DEDUP_OPTIONS['k']}, the engine's; "
+                       "the experiments configs use 32)")
     audit.add_argument("--json", action="store_true",
                        help="print one JSON object instead of readable tables")
 
@@ -97,7 +102,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         "min_len": args.run_min_len, "avg_len": args.run_avg_len, "max_len": args.run_max_len,
     }
     result = audit_workload(args.workload, args.block_size, args.concurrency, chunk_kwargs,
-                            num_blocks=args.num_blocks)
+                            k=args.k, num_blocks=args.num_blocks)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=False, default=str))
     else:

@@ -22,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+from vllm_ext.launch import DEDUP_OPTIONS
+
 from . import report, rows as rowsmod, rules
 from .cases import DOMAINS, EXTRA_FLOORS, FLOORS, SPLITS, build_cases
 
@@ -70,13 +72,14 @@ def make_parser() -> argparse.ArgumentParser:
     eng.add_argument("--engine-retries", type=int, default=1,
                      help="retries of an engine start that failed for lack of memory (default 1)")
     gd = sub.add_parser("guard", help="the main job's quality check: a few held-out cases, "
-                        "sequence and shared at k=32 against full prefill and the whitespace floor")
+                        "sequence and shared at the default k against full prefill and the whitespace floor")
     gd.add_argument("--out", type=Path, default=Path("results/main/quality"),
                     help="output directory (default results/main/quality)")
     gd.add_argument("--model", default="smollm2", help="model name or HF dir (default smollm2)")
     gd.add_argument("--modes", nargs="+", default=["sequence", "shared"],
                     help="reuse modes (default sequence shared)")
-    gd.add_argument("--k", type=int, default=32, help="tokens recomputed per run (default 32)")
+    gd.add_argument("--k", type=int, default=DEDUP_OPTIONS["k"],
+                    help=f"tokens recomputed per run (default {DEDUP_OPTIONS['k']}, the modes' default)")
     gd.add_argument("--cases", type=int, default=1,
                     help="held-out cases per domain (default 1: 5 cases)")
     gd.add_argument("--strict", action="store_true",
