@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dedup-trace", metavar="PATH", help="append a JSON line per engine step")
     s.add_argument("--dedup-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of the run-reusing modes, repeatable: k (tokens recomputed at "
-                   "the start of each reused run), tail (at its end), min_inject, store_bytes (sequence), "
+                   f"the start of each reused run; default {DEDUP_OPTIONS['k']}), tail (at its "
+                   "end), min_inject, store_bytes (sequence), "
                    "eviction=frequency|lru (shared), order=reuse|fcfs (admit "
                    "requests that can reuse a run now first, or vLLM's order), "
                    "admission=group|gate (shared)")
