@@ -42,7 +42,7 @@ ARM_STYLE = {
     "shared-lru": {"color": "#9467bd", "marker": "v", "label": "shared, LRU eviction"},
     "shared-fcfs": {"color": "#8c564b", "marker": "P", "label": "shared, FCFS admission"},
     "shared-gate": {"color": "#e377c2", "marker": "X", "label": "shared, gate-only admission"},
-    "shared-k128": {"color": "#bcbd22", "marker": "h", "label": "shared, k = 128"},
+    "shared-k32": {"color": "#bcbd22", "marker": "h", "label": "shared, k = 32"},
 }
 _CDF_POINTS = 400
 _MAX_CDF_COLUMNS = 4

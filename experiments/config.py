@@ -297,7 +297,7 @@ def _sequence_options(raw: Any, where: str) -> dict[str, Any]:
 ABLATIONS = {"shared-lru": ("shared", {"eviction": "lru"}),
              "shared-fcfs": ("shared", {"order": "fcfs"}),
              "shared-gate": ("shared", {"admission": "gate"}),
-             "shared-k128": ("shared", {"k": 128})}
+             "shared-k32": ("shared", {"k": 32})}
 
 
 def arm_engine_kwargs(arm: str, sequence: dict | None = None) -> tuple[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ the ``vllm`` arm without prefix caching):
 
 Identity (scope ``all``)
     run_id (str, equals the file stem), kind ("offline"|"online"),
-    arm ("vllm"|"vllm-apc"|"prefix"|"sequence"|"shared"|"shared-lru"|"shared-fcfs"|"shared-gate"|"shared-k128"),
+    arm ("vllm"|"vllm-apc"|"prefix"|"sequence"|"shared"|"shared-lru"|"shared-fcfs"|"shared-gate"|"shared-k32"),
     use_case (str),
     workload_file (str), num_blocks (int, KV capacity in blocks),
     block_size (int, tokens), num_requests (int), rep (int), model (str),
@@ -62,10 +62,11 @@ KINDS = ("offline", "online")
 #: ``shared-lru`` is shared mode with vLLM's own eviction order (the ablation of shared
 #: mode's frequency-aware eviction); ``shared-fcfs`` shared mode in vLLM's admission order
 #: (the ablation of its reuse-aware order); ``shared-gate`` shared mode admitting on the
-#: gate alone (the ablation of promised blocks and the group hold); ``shared-k128`` shared
-#: mode recomputing the first 128 tokens of each run (the quality setting, against k = 32).
+#: gate alone (the ablation of promised blocks and the group hold); ``shared-k32`` shared
+#: mode recomputing the first 32 tokens of each run (more reuse than the default k = 128,
+#: outside the quality floor), whatever the config's k.
 ARMS = ("vllm", "vllm-apc", "prefix", "sequence", "shared", "shared-lru", "shared-fcfs",
-        "shared-gate", "shared-k128")
+        "shared-gate", "shared-k32")
 STATUSES = ("ok", "failed")
 #: Arm that ratios are computed against.
 BASELINE_ARM = "vllm-apc"
@@ -89,7 +90,7 @@ def _f(name, typ, scope, nullable, doc):
 _IDENTITY = [
     _f("run_id", "str", "all", False, "unique run id; equals the JSON file stem"),
     _f("kind", "str", "all", False, "offline | online"),
-    _f("arm", "str", "all", False, "vllm | vllm-apc | prefix | sequence | shared | shared-lru | shared-fcfs | shared-gate | shared-k128"),
+    _f("arm", "str", "all", False, "vllm | vllm-apc | prefix | sequence | shared | shared-lru | shared-fcfs | shared-gate | shared-k32"),
     _f("use_case", "str", "all", False, "workload / use-case name"),
     _f("workload_file", "str", "all", False, "workload JSONL path"),
     _f("num_blocks", "int", "all", False, "KV capacity in blocks"),
