@@ -16,14 +16,19 @@ from analysis.simulate import SIMULATION_MODEL
 from vllm_ext.launch import DEDUP_OPTIONS
 
 
-def _positive_int(text: str) -> int:
-    try:
-        val = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if val < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {val}")
-    return val
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if val < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}: {val}")
+        return val
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="chunk_runs avg_len (default: chunk_runs' own default)")
     audit.add_argument("--run-max-len", type=_positive_int, default=None, metavar="T",
                        help="chunk_runs max_len (default: chunk_runs' own default)")
-    audit.add_argument("--k", type=int, default=DEDUP_OPTIONS["k"], metavar="K",
+    audit.add_argument("--k", type=_int_at_least(0), default=DEDUP_OPTIONS["k"], metavar="K",
                        help="shared mode's k for the shared rule: tokens recomputed at the "
                        f"start of each run (default {DEDUP_OPTIONS['k']}, the engine's; "
                        "the experiments configs use 32)")

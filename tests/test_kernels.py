@@ -216,6 +216,7 @@ def test_materialize_refuses_a_scratch_too_small():
 def test_a_killed_builds_stale_lock_does_not_hang_the_next_load(tmp_path):
     """torch's build baton (``lock``) outlives a build that was killed; the next load must
     clear it and go on, not wait forever (this hung a CI run until its time limit)."""
+    import os
     import shutil
     import subprocess
     import sys
@@ -226,7 +227,7 @@ def test_a_killed_builds_stale_lock_does_not_hang_the_next_load(tmp_path):
     out = tmp_path / "build" / build_dir().name
     shutil.copytree(build_dir(), out)
     (out / "lock").touch()
-    env = {**__import__("os").environ, "KVDEDUP_CACHE": str(tmp_path)}
+    env = {**os.environ, "KVDEDUP_CACHE": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "vllm_ext.kernels", "build"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
