@@ -290,3 +290,24 @@ def test_shared_rule_counts_a_borrowed_document_once(tmp_path):
     assert r2["shared"]["borrowed_runs"] == 0
     assert r2["simulation"]["shared"]["peak_physical_blocks"] == \
         r2["simulation"]["prefix"]["peak_physical_blocks"]
+
+
+def test_cli_k_sets_the_shared_rules_recomputed_head(tmp_path, capsys):
+    """``--k`` reaches the shared rule: a larger k borrows fewer tokens of the same runs;
+    a negative k is refused by name."""
+    import json
+
+    rng = np.random.default_rng(8)
+    doc = rng.integers(3, 2000, size=640).tolist()
+    prompts = [rng.integers(3, 2000, size=int(n)).tolist() + doc for n in (33, 50, 71, 90)]
+    path = write_workload(tmp_path / "w.jsonl", prompts, output_len=4)
+    borrowed = {}
+    for k in (32, 128):
+        capsys.readouterr()
+        assert main(["audit", str(path), "--block-size", "32", "--k", str(k), "--json"]) == 0
+        shared = json.loads(capsys.readouterr().out)["per_block_size"]["32"]["shared"]
+        borrowed[k] = shared["borrowed_tokens"]
+    assert borrowed[128] < borrowed[32]
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", str(path), "--k", "-1"])
+    assert exc.value.code == 2 and "--k: must be >= 0" in capsys.readouterr().err
