@@ -376,4 +376,28 @@ def run_online(spec: dict) -> dict:
               "num_requests": len(results),
               "total_input_tokens": sum(len(p) for p in prompts),
               "total_output_tokens": sum(m["output_lens"]), "server_alive_at_end": alive})
+    m.update(trace_counters(spec.get("trace")))
     return m
+
+
+def trace_counters(path) -> dict:
+    """The engine's cumulative counters at its last traced step (``vllm_ext.metrics.COUNTERS``:
+    borrowed runs, source evictions, preemptions ...), warm-up requests included, plus the
+    peak physical blocks; empty when the server wrote no trace."""
+    from vllm_ext.metrics import COUNTERS
+
+    if not path or not Path(path).exists():
+        return {}
+    last, peak = None, 0
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue        # a partly written last line
+        last = row
+        peak = max(peak, row.get("physical_blocks", 0))
+    if last is None:
+        return {}
+    out = {k: last[k] for k in COUNTERS if k in last}
+    out["peak_physical_blocks"] = peak
+    return out

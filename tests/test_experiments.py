@@ -20,6 +20,7 @@ from experiments import runner
 from experiments.__main__ import main as cli_main
 from experiments.config import ConfigError, load_config, parse_config
 from experiments.online import (RequestResult, arrival_times, compute_metrics, run_client,
+                                trace_counters,
                                 server_command, start_server, stop_server, free_port)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -305,3 +306,16 @@ def test_server_that_fails_to_start_reports_log_tail(tmp_path):
     cmd = [sys.executable, "-c", "import sys; print('boom: bad flag'); sys.exit(3)"]
     with pytest.raises(ServerError, match="boom: bad flag"):
         start_server(cmd, port, tmp_path / "s.log", timeout_s=30)
+
+
+def test_online_trace_counters_read_the_last_step(tmp_path):
+    """An online run reports the engine's cumulative counters from its trace's last step
+    (a partly written last line is skipped) and the peak physical blocks."""
+    trace = tmp_path / "t.jsonl"
+    rows = [{"step": 1, "physical_blocks": 40, "borrowed_runs": 1, "store_evictions": 0},
+            {"step": 2, "physical_blocks": 90, "borrowed_runs": 3, "store_evictions": 2},
+            {"step": 3, "physical_blocks": 70, "borrowed_runs": 5, "store_evictions": 7}]
+    trace.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 4, "phys')
+    got = trace_counters(str(trace))
+    assert got == {"borrowed_runs": 5, "store_evictions": 7, "peak_physical_blocks": 90}
+    assert trace_counters(str(tmp_path / "missing.jsonl")) == {} and trace_counters(None) == {}

@@ -230,6 +230,7 @@ GEN_ARGS = {
     "multi-document": ["--docs-per-prompt", "3", "--num-docs", "8"],
     "syndication": ["--copies", "3"],
     "multi-turn": ["--turns", "4"],
+    "recurring-mix-long": ["--num-docs", "3", "--doc-tokens", "64"],
 }
 
 
@@ -253,6 +254,11 @@ def test_generators_state_true_fractions(kind, cache, tok_dir, tmp_path, capsys)
         assert want[0] > 0.15
     elif kind in ("multi-instruction", "syndication", "multi-document"):
         assert want[2] > 0.3
+    elif kind == "recurring-mix-long":
+        docs = [r.source.split(":")[1] for r in wl.requests]
+        popular = {d for d in docs if docs.count(d) > 1}
+        assert 1 <= len(popular) <= 3          # only the popular pieces recur
+        assert want[2] > 0.15
     else:
         sessions = {r.session_id for r in wl.requests}
         assert len(sessions) == 6 and None not in sessions
@@ -288,6 +294,13 @@ def test_generator_bad_parameter(cache, tok_dir, tmp_path, capsys):
     rc, _, err = run_cli(["generate", "multi-document", "--out", tmp_path / "x.jsonl", "--tokenizer", tok_dir,
                           "--num-docs", 3, "--docs-per-prompt", 4], capsys)
     assert rc == 2 and "--docs-per-prompt" in err
+
+
+def test_recurring_mix_long_runs_out_of_documents(cache, tok_dir, tmp_path, capsys):
+    rc, _, err = run_cli(["generate", "recurring-mix-long", "--out", tmp_path / "x.jsonl",
+                          "--tokenizer", tok_dir, "--num-requests", 5000, "--doc-tokens", 64,
+                          "--num-docs", 3, "--recurring", 0.1], capsys)
+    assert rc == 2 and "--doc-tokens" in err and "not enough" in err
 
 
 # ---------------------------------------------------------------- real datasets from local files

@@ -84,14 +84,15 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--instructions", type=_positive, default=4, metavar="K",
                    help="multi-instruction: instructions per document (default 4)")
     g.add_argument("--doc-tokens", type=_positive, default=1200, metavar="T",
-                   help="multi-instruction-long: document length cap in tokens (default 1200)")
+                   help="multi-instruction-long: document length cap in tokens; recurring-mix-long: "
+                   "document length (default 1200)")
     g.add_argument("--docs-per-prompt", type=_positive, default=4, metavar="M",
                    help="multi-document: documents per prompt (default 4)")
     g.add_argument("--num-docs", type=_positive, default=40, metavar="N",
-                   help="multi-document, recurring-mix: size of the (popular) document pool "
+                   help="multi-document, recurring-mix(-long): size of the (popular) document pool "
                    "(default 40)")
     g.add_argument("--recurring", type=float, default=0.5, metavar="P",
-                   help="recurring-mix: share of requests carrying a popular article (default 0.5)")
+                   help="recurring-mix(-long): share of requests carrying a popular article (default 0.5)")
     g.add_argument("--copies", type=_positive, default=3, metavar="C",
                    help="syndication: outlets per article body (default 3)")
     g.add_argument("--edit-prob", type=float, default=0.3, metavar="P",
@@ -202,6 +203,7 @@ _USED = {"shared-template": ("template_tokens",), "multi-instruction": ("instruc
          "multi-instruction-long": ("instructions", "doc_tokens"),
          "multi-document": ("docs_per_prompt", "num_docs"), "syndication": ("copies", "edit_prob"),
          "recurring-mix": ("num_docs", "recurring"),
+         "recurring-mix-long": ("num_docs", "recurring", "doc_tokens"),
          "multi-turn": ("turns",)}
 
 

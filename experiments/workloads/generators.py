@@ -226,6 +226,48 @@ def gen_recurring_mix(texts: dict, tokenizer: Any, n: int, seed: int, num_docs: 
     return units, {"num_docs": num_docs, "recurring": recurring}
 
 
+def _wiki_segments(texts: dict, tokenizer: Any, doc_tokens: int) -> list[str]:
+    """Distinct documents of exactly ``doc_tokens`` tokens (before decoding): the
+    consecutive ``doc_tokens``-token pieces of every Wikipedia stand-in article."""
+    segs = []
+    for a in texts["wiki"]:
+        ids = tokenizer.encode(a.text, add_special_tokens=False)
+        for j in range(len(ids) // doc_tokens):
+            segs.append(tokenizer.decode(ids[j * doc_tokens:(j + 1) * doc_tokens]).strip())
+    return list(dict.fromkeys(s for s in segs if s))
+
+
+def gen_recurring_mix_long(texts: dict, tokenizer: Any, n: int, seed: int, num_docs: int = 5,
+                           recurring: float = 0.5, doc_tokens: int = 800,
+                           **_: Any) -> tuple[list[Unit], dict]:
+    """``recurring-mix`` with long documents: every document is a ``doc_tokens``-token
+    piece of a Wikipedia stand-in article, so a recurring one is long enough to borrow
+    most of it after the seam, the first ``k`` tokens and the block edges. The case
+    where an eviction policy decides how much is reused."""
+    _need(0.0 <= recurring <= 1.0, "--recurring must be in [0, 1]")
+    _need(doc_tokens >= 64, "--doc-tokens must be >= 64 for recurring-mix-long")
+    docs = _wiki_segments(texts, tokenizer, doc_tokens)
+    rng = np.random.default_rng([seed, 8])
+    perm = [int(i) for i in rng.permutation(len(docs))]
+    _need(num_docs < len(perm), f"--num-docs ({num_docs}) must be under the {len(perm)} "
+          f"documents of {doc_tokens} tokens (lower --num-docs or --doc-tokens)")
+    popular, fresh = perm[:num_docs], iter(perm[num_docs:])
+    lens = get_distribution("cnn_dailymail").sample(rng, n)
+    units = []
+    for i in range(n):
+        if rng.random() < recurring:
+            d = popular[int(rng.integers(num_docs))]
+        else:
+            d = next(fresh, None)
+            _need(d is not None, f"not enough {doc_tokens}-token documents for {n} requests "
+                  f"with {num_docs} popular ones (lower --doc-tokens or --num-requests)")
+        instr = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
+        units.append([RawRequest(f"{instr}\n\n{docs[d]}\n\nAnswer:", lens[i], None,
+                                 f"recurring-mix-long:doc{d}")])
+    return units, {"num_docs": num_docs, "recurring": recurring, "doc_tokens": doc_tokens,
+                   "documents_available": len(docs)}
+
+
 def _trim_last_sentence(text: str) -> str:
     parts = re.split(r"(?<=[.!?])\s+", text.strip())
     return " ".join(parts[:-1]) if len(parts) > 2 else text
@@ -347,6 +389,9 @@ GENERATORS: dict[str, GeneratorInfo] = {
                                     "prompts concatenate m of n articles in varying order (RAG / multi-news)"),
     "recurring-mix": GeneratorInfo(gen_recurring_mix, ("news",),
                                    "popular articles recur among one-off articles (eviction under pressure)"),
+    "recurring-mix-long": GeneratorInfo(
+        gen_recurring_mix_long, ("wiki",),
+        "popular long documents recur among one-off long documents (eviction under pressure)"),
     "syndication": GeneratorInfo(gen_syndication, ("news",),
                                  "same article body under different outlet headers/bylines (news wires)"),
     "multi-turn": GeneratorInfo(gen_multi_turn, ("dialogues", "wiki"),
