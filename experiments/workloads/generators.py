@@ -201,15 +201,12 @@ def gen_multi_document(texts: dict, tokenizer: Any, n: int, seed: int, docs_per_
     return units, {"docs_per_prompt": docs_per_prompt, "num_docs": num_docs}
 
 
-def gen_recurring_mix(texts: dict, tokenizer: Any, n: int, seed: int, num_docs: int = 10,
-                      recurring: float = 0.5, **_: Any) -> tuple[list[Unit], dict]:
-    """Each prompt: an instruction + one article. A ``recurring`` share of the requests
-    carry one of ``num_docs`` popular articles (at other offsets: the instructions differ
-    in length); the rest carry an article that appears once. The case an eviction policy
-    must get right: one-off articles churn the cache while popular ones recur."""
-    docs = _unique(texts["news"])
+def _recurring_units(docs: Sequence[str], n: int, rng: np.random.Generator, num_docs: int,
+                     recurring: float, name: str, shortage: str) -> list[Unit]:
+    """Instruction + one document per prompt: a ``recurring`` share of the ``n`` prompts
+    carry one of ``num_docs`` popular documents, the rest a document used once
+    (``shortage`` is the error when those run out)."""
     _need(0.0 <= recurring <= 1.0, "--recurring must be in [0, 1]")
-    rng = np.random.default_rng([seed, 7])
     perm = [int(i) for i in rng.permutation(len(docs))]
     popular, fresh = perm[:num_docs], iter(perm[num_docs:])
     lens = get_distribution("cnn_dailymail").sample(rng, n)
@@ -219,10 +216,22 @@ def gen_recurring_mix(texts: dict, tokenizer: Any, n: int, seed: int, num_docs: 
             d = popular[int(rng.integers(num_docs))]
         else:
             d = next(fresh, None)
-            _need(d is not None, f"not enough articles for {n} requests with {num_docs} popular ones")
+            _need(d is not None, shortage)
         instr = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
         units.append([RawRequest(f"{instr}\n\n{docs[d]}\n\nAnswer:", lens[i], None,
-                                 f"recurring-mix:doc{d}")])
+                                 f"{name}:doc{d}")])
+    return units
+
+
+def gen_recurring_mix(texts: dict, tokenizer: Any, n: int, seed: int, num_docs: int = 10,
+                      recurring: float = 0.5, **_: Any) -> tuple[list[Unit], dict]:
+    """Each prompt: an instruction + one article. A ``recurring`` share of the requests
+    carry one of ``num_docs`` popular articles (at other offsets: the instructions differ
+    in length); the rest carry an article that appears once. The case an eviction policy
+    must get right: one-off articles churn the cache while popular ones recur."""
+    units = _recurring_units(_unique(texts["news"]), n, np.random.default_rng([seed, 7]),
+                             num_docs, recurring, "recurring-mix",
+                             f"not enough articles for {n} requests with {num_docs} popular ones")
     return units, {"num_docs": num_docs, "recurring": recurring}
 
 
@@ -244,26 +253,14 @@ def gen_recurring_mix_long(texts: dict, tokenizer: Any, n: int, seed: int, num_d
     piece of a Wikipedia stand-in article, so a recurring one is long enough to borrow
     most of it after the seam, the first ``k`` tokens and the block edges. The case
     where an eviction policy decides how much is reused."""
-    _need(0.0 <= recurring <= 1.0, "--recurring must be in [0, 1]")
     _need(doc_tokens >= 64, "--doc-tokens must be >= 64 for recurring-mix-long")
     docs = _wiki_segments(texts, tokenizer, doc_tokens)
-    rng = np.random.default_rng([seed, 8])
-    perm = [int(i) for i in rng.permutation(len(docs))]
-    _need(num_docs < len(perm), f"--num-docs ({num_docs}) must be under the {len(perm)} "
+    _need(num_docs < len(docs), f"--num-docs ({num_docs}) must be under the {len(docs)} "
           f"documents of {doc_tokens} tokens (lower --num-docs or --doc-tokens)")
-    popular, fresh = perm[:num_docs], iter(perm[num_docs:])
-    lens = get_distribution("cnn_dailymail").sample(rng, n)
-    units = []
-    for i in range(n):
-        if rng.random() < recurring:
-            d = popular[int(rng.integers(num_docs))]
-        else:
-            d = next(fresh, None)
-            _need(d is not None, f"not enough {doc_tokens}-token documents for {n} requests "
-                  f"with {num_docs} popular ones (lower --doc-tokens or --num-requests)")
-        instr = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
-        units.append([RawRequest(f"{instr}\n\n{docs[d]}\n\nAnswer:", lens[i], None,
-                                 f"recurring-mix-long:doc{d}")])
+    units = _recurring_units(docs, n, np.random.default_rng([seed, 8]), num_docs, recurring,
+                             "recurring-mix-long",
+                             f"not enough {doc_tokens}-token documents for {n} requests with "
+                             f"{num_docs} popular ones (lower --doc-tokens or --num-requests)")
     return units, {"num_docs": num_docs, "recurring": recurring, "doc_tokens": doc_tokens,
                    "documents_available": len(docs)}
 
