@@ -319,3 +319,38 @@ def test_online_trace_counters_read_the_last_step(tmp_path):
     got = trace_counters(str(trace))
     assert got == {"borrowed_runs": 5, "store_evictions": 7, "peak_physical_blocks": 90}
     assert trace_counters(str(tmp_path / "missing.jsonl")) == {} and trace_counters(None) == {}
+
+
+def test_overhead_subtracts_the_kernels_kvdedup_hands_rows_to():
+    """experiments.overhead: kvdedup's attention wrapper is its forward less vLLM's
+    backend forward, vLLM's kernel called from kvdedup's files and kvdedup's kernel; the
+    scheduler's own time is its methods less vLLM's."""
+    from experiments.overhead import own_time
+
+    ours = ("/r/vllm_ext/attention.py", 178, "forward")
+    vbackend = ("/v/vllm/v1/attention/backends/cpu_attn.py", 344, "forward")
+    stats = {
+        ours: (10, 10, 0.5, 8.0, {}),
+        vbackend: (2, 2, 0.05, 0.75, {ours: (2, 2, 0.05, 0.75)}),
+        ("/v/vllm/_custom_ops.py", 3907, "cpu_attention_with_kv_cache"):
+            (9, 9, 3.8, 3.8, {ours: (7, 7, 3.1, 3.1), vbackend: (2, 2, 0.7, 0.7)}),
+        ("/r/vllm_ext/kernels.py", 111, "borrowed_attention"): (8, 8, 3.0, 3.14, {}),
+        ("/r/vllm_ext/scheduler.py", 162, "schedule"): (3, 3, 0.1, 0.575, {}),
+        ("/r/vllm_ext/scheduler.py", 210, "update_from_output"): (3, 3, 0.1, 0.191, {}),
+        ("/v/vllm/v1/core/sched/scheduler.py", 591, "schedule"): (3, 3, 0.1, 0.4, {}),
+        ("/v/vllm/v1/core/sched/scheduler.py", 2026, "update_from_output"): (3, 3, 0.1, 0.15, {}),
+    }
+    got = own_time(stats)
+    assert got["attention_wrapper_s"] == pytest.approx(8.0 - 0.75 - 3.1 - 3.14)
+    assert got["scheduler_s"] == pytest.approx(0.575 + 0.191 - 0.4 - 0.15)
+    assert got["stock_kernel_s"] == pytest.approx(3.8) and got["kvdedup_kernel_s"] == 3.14
+    # stock vLLM (kvdedup's backend not installed): no wrapper time at all
+    del stats[ours], stats[("/r/vllm_ext/kernels.py", 111, "borrowed_attention")]
+    assert own_time(stats)["attention_wrapper_s"] == 0.0
+
+
+def test_overhead_refuses_bad_input(tmp_path, capsys):
+    from experiments.overhead import main as overhead_main
+
+    assert overhead_main([str(tmp_path / "none.jsonl")]) == 2
+    assert "none.jsonl" in capsys.readouterr().err
