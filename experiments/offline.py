@@ -86,10 +86,29 @@ def warmup_prompt(reqs) -> list[int]:
     return [rng.choice(vocab) for _ in range(WARMUP_TOKENS)]
 
 
+def warm_up(llm, reqs) -> None:
+    """One short request that shares nothing with the workload (``warmup_prompt``)."""
+    from vllm_ext import SamplingParams
+
+    llm.generate([{"prompt_token_ids": warmup_prompt(reqs)}],
+                 SamplingParams(max_tokens=WARMUP_OUTPUT, ignore_eos=True, temperature=0),
+                 use_tqdm=False)
+
+
+def batch_inputs(reqs) -> tuple[list[dict], list]:
+    """The measured batch: each request's prompt as token ids, greedy, writing exactly its
+    ``output_len`` tokens (EOS ignored)."""
+    from vllm_ext import SamplingParams
+
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0)
+              for r in reqs]
+    return prompts, params
+
+
 def run_offline(spec: dict) -> dict:
     """Run one offline measurement described by ``spec`` (see the runner) -> metrics."""
     import vllm_ext
-    from vllm_ext import SamplingParams
 
     from experiments.config import arm_engine_kwargs
     from experiments.workloads import load_workload
@@ -110,14 +129,9 @@ def run_offline(spec: dict) -> dict:
     startup_s = time.perf_counter() - t_start
     _LAST_LLM[:] = [llm]
     try:
-        warm = warmup_prompt(reqs)
-        llm.generate([{"prompt_token_ids": warm}],
-                     SamplingParams(max_tokens=WARMUP_OUTPUT, ignore_eos=True, temperature=0),
-                     use_tqdm=False)
+        warm_up(llm, reqs)
         base = vllm_ext.dedup_stats(llm)
-        prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
-        params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0)
-                  for r in reqs]
+        prompts, params = batch_inputs(reqs)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t0

@@ -88,10 +88,9 @@ def profile_arm(arm: str, workload: Path, num_blocks: int, num_requests: int | N
     import time
 
     import vllm_ext
-    from vllm_ext import SamplingParams
 
     from experiments.config import arm_engine_kwargs
-    from experiments.offline import WARMUP_OUTPUT, warmup_prompt
+    from experiments.offline import batch_inputs, warm_up
     from experiments.workloads import load_workload
 
     reqs = load_workload(workload).requests[:num_requests]
@@ -100,12 +99,9 @@ def profile_arm(arm: str, workload: Path, num_blocks: int, num_requests: int | N
                        block_size=32, dtype="float32", max_model_len=2048, max_num_seqs=32,
                        max_num_batched_tokens=2048, enforce_eager=True, seed=0, **kw)
     try:
-        llm.generate([{"prompt_token_ids": warmup_prompt(reqs)}],
-                     SamplingParams(max_tokens=WARMUP_OUTPUT, ignore_eos=True), use_tqdm=False)
+        warm_up(llm, reqs)
         step0 = vllm_ext.dedup_stats(llm)["step"]
-        prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
-        params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0)
-                  for r in reqs]
+        prompts, params = batch_inputs(reqs)
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
