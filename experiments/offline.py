@@ -33,7 +33,7 @@ TRACE_KEYS = ("step", "time", "start", "num_running", "num_waiting", "logical_bl
               *COUNTERS)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     rows = []
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -145,7 +145,7 @@ def run_offline(spec: dict) -> dict:
     in_tokens = sum(len(r.prompt_token_ids) for r in reqs)
     out_tokens = sum(gen_lens)
     # time base of the measured batch on the engine clock: the trace's last warm-up step
-    rows = _read_jsonl(raw_trace)
+    rows = read_jsonl(raw_trace)
     warm_steps = [r for r in rows if r["step"] <= base["step"]]
     t_base = warm_steps[-1]["time"] if warm_steps else 0.0
     trace_rows, tm = summarize_trace(rows, int(base["step"]), base, t_base)

@@ -384,20 +384,12 @@ def trace_counters(path) -> dict:
     """The engine's cumulative counters at its last traced step (``vllm_ext.metrics.COUNTERS``:
     borrowed runs, source evictions, preemptions ...), warm-up requests included, plus the
     peak physical blocks; empty when the server wrote no trace."""
+    from experiments.offline import read_jsonl
     from vllm_ext.metrics import COUNTERS
 
-    if not path or not Path(path).exists():
+    rows = read_jsonl(Path(path)) if path else []   # skips a partly written last line
+    if not rows:
         return {}
-    last, peak = None, 0
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue        # a partly written last line
-        last = row
-        peak = max(peak, row.get("physical_blocks", 0))
-    if last is None:
-        return {}
-    out = {k: last[k] for k in COUNTERS if k in last}
-    out["peak_physical_blocks"] = peak
+    out = {k: rows[-1][k] for k in COUNTERS if k in rows[-1]}
+    out["peak_physical_blocks"] = max(r.get("physical_blocks", 0) for r in rows)
     return out
