@@ -37,6 +37,8 @@ A config describes one sweep (one figure of the study). Keys (defaults in bracke
       slo_normalized_latency_s: 0.5  # SLO on E2E latency / output tokens (s/token)
       server_start_timeout_s: 300
     quick: {...}                     # keys that --quick overrides (same schema)
+    base: shared-capacity            # optional: another config (path or name) merged under
+                                     #   this one; mappings merge, lists are replaced
 
 Arms (offline and online alike): ``vllm`` = stock vLLM with prefix caching off,
 ``vllm-apc`` = stock vLLM with automatic prefix caching (APC) on (the fair baseline),
@@ -186,9 +188,12 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     raise ConfigError(f"config file not found: {path}")
 
 
-def load_config(path: str | os.PathLike, quick: bool = False, arms: list[str] | None = None) -> Config:
-    """Read, merge ``quick`` overrides (when asked), validate. Raises :class:`ConfigError`."""
-    p = resolve_config_path(path)
+def _read_raw(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping, with its ``base`` (another config, by path or name) merged
+    under it: mappings merge key by key, anything else (lists included) is replaced. The
+    name is the file's own (its ``name`` key, else its stem), never the base's."""
+    if p.resolve() in seen:
+        raise ConfigError(f"{p}: 'base' chain loops back to it")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -197,6 +202,25 @@ def load_config(path: str | os.PathLike, quick: bool = False, arms: list[str] | 
         raise ConfigError(f"{p}: expected a mapping at the top level")
     if not isinstance(raw.get("name"), str):  # absent, or YAML read e.g. `name: on` as a bool
         raw["name"] = p.stem
+    if "base" in raw:
+        base = raw.pop("base")
+        if not isinstance(base, str):
+            raise ConfigError(f"{p}: base must be a config path or name, got {base!r}")
+        base_p = p.parent / base
+        if not base_p.is_file():
+            try:
+                base_p = resolve_config_path(base)
+            except ConfigError as e:
+                raise ConfigError(f"{p}: base: {e}") from None
+        raw = _merge(_read_raw(base_p, seen + (p.resolve(),)), raw)
+    return raw
+
+
+def load_config(path: str | os.PathLike, quick: bool = False, arms: list[str] | None = None) -> Config:
+    """Read (with its ``base`` merged under it), merge ``quick`` overrides (when asked),
+    validate. Raises :class:`ConfigError`."""
+    p = resolve_config_path(path)
+    raw = _read_raw(p)
     if quick and isinstance(raw.get("quick"), dict):
         raw = _merge(raw, raw["quick"])
     cfg = parse_config(raw, where=str(p))

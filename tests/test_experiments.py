@@ -163,6 +163,34 @@ def test_config_validation_and_ids(tmp_path, workload):
         load_config(p, quick=True)
 
 
+def test_config_base_merges_under_the_file(tmp_path, workload):
+    base_file = write_cfg(tmp_path, workload)  # engine, workloads, sequence from here
+    raw = yaml.safe_load(base_file.read_text())
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"base": base_file.name, "sequence": {"k": 128},
+                                     "engine": {"max_num_seqs": 8}}))
+    cfg = load_config(child)
+    assert cfg.name == "child"  # the file's own name, not the base's
+    assert cfg.sequence["k"] == 128 and cfg.engine["max_num_seqs"] == 8
+    assert cfg.engine["max_model_len"] == raw["engine"]["max_model_len"]  # kept from the base
+    assert [w.file for w in cfg.workloads] == [w.file for w in load_config(base_file).workloads]
+    # the shipped k = 128 variants differ from their bases only in k and name
+    for name, base in (("shared-capacity-k128", "shared-capacity"),
+                       ("shared-memory-k128", "shared-memory")):
+        v, b = load_config(name), load_config(base)
+        assert v.sequence["k"] == 128 and b.sequence["k"] == 32 and v.name == name
+        assert v.engine == b.engine and v.num_blocks == b.num_blocks
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("base: no-such-config\n")
+    with pytest.raises(ConfigError, match="base: config file not found: no-such-config"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("base: [a, b]\n")
+    with pytest.raises(ConfigError, match="base must be a config path or name"):
+        load_config(tmp_path / "bad.yaml")
+
+
 def test_plan_interleaves_arms(tmp_path, workload):
     cfg = parse_config({**yaml.safe_load(write_cfg(tmp_path, workload).read_text()),
                         "arms": ["vllm", "vllm-apc", "prefix"], "reps": 3})
