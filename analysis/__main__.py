@@ -13,7 +13,7 @@ from typing import Sequence
 
 from analysis import AnalysisError
 from analysis.simulate import SIMULATION_MODEL
-from vllm_ext.launch import DEDUP_OPTIONS
+from vllm_ext.launch import DEDUP_OPTIONS, OPTION_CHOICES
 
 
 def _int_at_least(low: int):
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shared mode's k for the shared rule: tokens recomputed at the "
                        f"start of each run (default {DEDUP_OPTIONS['k']}, the engine's; "
                        "the experiments configs use 32)")
+    audit.add_argument("--edges", choices=OPTION_CHOICES["edges"], default=DEDUP_OPTIONS["edges"],
+                       help="shared mode's edges for the shared rule: borrow each run to the "
+                       "slot, or only the whole blocks inside it (default "
+                       f"{DEDUP_OPTIONS['edges']}, the engine's)")
     audit.add_argument("--json", action="store_true",
                        help="print one JSON object instead of readable tables")
 
@@ -107,7 +111,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         "min_len": args.run_min_len, "avg_len": args.run_avg_len, "max_len": args.run_max_len,
     }
     result = audit_workload(args.workload, args.block_size, args.concurrency, chunk_kwargs,
-                            k=args.k, num_blocks=args.num_blocks)
+                            k=args.k, num_blocks=args.num_blocks, edges=args.edges)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=False, default=str))
     else:

@@ -48,6 +48,7 @@ import numpy as np
 import xxhash
 
 from analysis import AnalysisError
+from dedup.planner import EDGES
 from analysis.borrow import shared_footprints
 from analysis.packing import rule_bounds
 from analysis.simulate import RequestFootprint, simulate_kv_blocks, SIMULATION_MODEL
@@ -365,9 +366,10 @@ def audit_requests(
     k: int = 32,
     min_inject: int = 32,
     num_blocks: Sequence[int] = (),
+    edges: str = "slot",
 ) -> dict:
-    """Audit already-loaded requests; see :func:`audit_workload` for the keys. ``k`` and
-    ``min_inject`` are shared mode's settings for the ``shared`` rule; for each pool size
+    """Audit already-loaded requests; see :func:`audit_workload` for the keys. ``k``,
+    ``min_inject`` and ``edges`` are shared mode's settings for the ``shared`` rule; for each pool size
     in ``num_blocks`` the result has each rule's lower bound on engine steps
     (``analysis.packing``)."""
     if not requests:
@@ -393,7 +395,9 @@ def audit_requests(
             raise AnalysisError(f"dedup.hashing.chunk_runs returned a bad span for request {i}")
     runs = _audit_runs(run_spans, total_tokens)
 
-    shared_kwargs = {"k": k, "min_inject": min_inject, "chunk_kwargs": ckw}
+    if edges not in EDGES:
+        raise AnalysisError(f"edges must be one of {', '.join(EDGES)}, got {edges!r}")
+    shared_kwargs = {"k": k, "min_inject": min_inject, "chunk_kwargs": ckw, "edges": edges}
     per_bs = {
         str(b): _audit_block_size(prompts, outputs, b, concurrency, run_spans, shared_kwargs,
                                   num_blocks)
@@ -424,6 +428,7 @@ def audit_workload(
     k: int = 32,
     min_inject: int = 32,
     num_blocks: Sequence[int] = (),
+    edges: str = "slot",
 ) -> dict:
     """Audit a workload file.
 
@@ -439,7 +444,7 @@ def audit_workload(
     reqs = read_workload(path)
     result = {"workload": str(path)}
     result.update(audit_requests(reqs, block_sizes, concurrency, chunk_kwargs, k, min_inject,
-                                 num_blocks))
+                                 num_blocks, edges))
     meta_path = find_workload_meta(path)
     result["meta_file"] = None if meta_path is None else str(meta_path)
     result["meta"] = _read_meta(Path(path))

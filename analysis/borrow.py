@@ -6,13 +6,15 @@ applying the engine's own planning to the workload in file order (no engine):
 * each prompt is cut by ``dedup.hashing.chunk_runs`` and planned by
   ``dedup.planner.plan_injections`` against the chunks of earlier requests' exact
   regions, after its exact prefix hit (APC semantics, capped at ``len - 1``, whole blocks);
-* each injection becomes a borrow of the whole reader blocks inside it
-  (``dedup.planner.borrow_range``), read from the source request's blocks;
+* each injection becomes a borrow (``dedup.planner.borrow_range``, ``edges`` as the
+  engine's option: the run to the slot, or the whole reader blocks inside it), read from
+  the source request's blocks; the reader holds no block wholly inside a borrow, and its
+  partial blocks at a borrow's edges are its own;
 * a request's exact region (before its first borrow) is keyed like prefix-cache blocks
   (full blocks by their chained hash, so identical prefixes count once; its partial last
   exact block by ``(request, block)``); a borrowed range adds the source's block keys, so a
   source block counts once however many running requests read it; everything after the
-  first borrow (the tail, the edges, generated tokens) is private to the request.
+  first borrow (the tail, the edge blocks, generated tokens) is private to the request.
 
 ``analysis.simulate`` then counts distinct keys plus private blocks over the running set.
 Differences from the engine: it assumes every source is still in the pool (no eviction),
@@ -27,22 +29,23 @@ import numpy as np
 
 from dedup.hashing import block_hashes, chunk_runs
 from dedup.index import DedupIndex
-from dedup.planner import ChunkSource, borrow_range, plan_injections
+from dedup.planner import ChunkSource, borrow_range, placeholder_blocks, plan_injections
 
 from analysis.simulate import RequestFootprint
 
 
 def shared_footprints(prompts: Sequence[Sequence[int]], outputs: Sequence[int],
                       block_size: int, k: int = 32, min_inject: int = 32,
-                      chunk_kwargs: dict | None = None) -> tuple[list[RequestFootprint], dict]:
+                      chunk_kwargs: dict | None = None,
+                      edges: str = "slot") -> tuple[list[RequestFootprint], dict]:
     """Footprints of every request under shared mode, and totals
-    (``borrowed_tokens``, ``borrowed_runs``, ``edge_tokens``)."""
+    (``borrowed_tokens``, ``borrowed_runs``, ``edge_tokens``, ``edge_slots``)."""
     B = block_size
     index = DedupIndex(1 << 62)
     seen: set[bytes] = set()
     keys_of: list[list] = []          # request -> key of each of its exact-region blocks
     out: list[RequestFootprint] = []
-    totals = {"borrowed_tokens": 0, "borrowed_runs": 0, "edge_tokens": 0}
+    totals = {"borrowed_tokens": 0, "borrowed_runs": 0, "edge_tokens": 0, "edge_slots": 0}
     for i, (toks, out_len) in enumerate(zip(prompts, outputs)):
         arr = np.asarray(toks, dtype=np.int64)
         n = len(arr)
@@ -57,7 +60,7 @@ def shared_footprints(prompts: Sequence[Sequence[int]], outputs: Sequence[int],
                               min_inject=min_inject)
         borrows = []
         for j in inj:
-            rng = borrow_range(j, B, min_inject)
+            rng = borrow_range(j, B, min_inject, edges)
             deltas = {pc.dst - pc.src for pc in j.pieces}
             if rng is None or len(deltas) != 1:
                 continue
@@ -70,12 +73,14 @@ def shared_footprints(prompts: Sequence[Sequence[int]], outputs: Sequence[int],
         keys_of.append(keys)
         shared = [(key, B) for key in keys]
         covered = len(keys)
-        for (stop, end), delta, s in borrows:
+        holes = placeholder_blocks([rng for rng, _, _ in borrows], B)
+        for ((stop, end), delta, s), n_holes in zip(borrows, holes):
             src_keys = keys_of[s]
             first, last = (stop - delta) // B, (end - delta - 1) // B
             shared += [(src_keys[b] if b < len(src_keys) else ("block", s, b), B)
                        for b in range(first, last + 1)]
-            covered += (end - stop) // B
+            covered += n_holes
+            totals["edge_slots"] += end - stop - n_holes * B
             totals["borrowed_tokens"] += end - stop
             totals["borrowed_runs"] += 1
         out.append(RequestFootprint(n, int(out_len), tuple(shared), covered=covered))

@@ -43,6 +43,7 @@ ARM_STYLE = {
     "shared-fcfs": {"color": "#8c564b", "marker": "P", "label": "shared, FCFS admission"},
     "shared-gate": {"color": "#e377c2", "marker": "X", "label": "shared, gate-only admission"},
     "shared-k32": {"color": "#bcbd22", "marker": "h", "label": "shared, k = 32"},
+    "shared-block-edges": {"color": "#17becf", "marker": "s", "label": "shared, block edges"},
 }
 _CDF_POINTS = 400
 _MAX_CDF_COLUMNS = 4

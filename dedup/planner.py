@@ -118,13 +118,47 @@ def plan_injections(tokens: Sequence[int] | np.ndarray, chunks: Sequence[Chunk],
     return out
 
 
-def borrow_range(inj: Injection, block_size: int, min_tokens: int) -> tuple[int, int] | None:
-    """The whole reader blocks inside ``[inj.stop, inj.end)``: ``(stop, end)`` rounded
-    inwards to multiples of ``block_size``, or None when under ``max(block_size,
-    min_tokens)`` tokens remain. Shared mode borrows exactly this range; the tokens it
-    leaves at either edge are computed."""
+#: How a shared-mode borrow meets the reader's blocks: ``slot`` borrows the run's tokens
+#: exactly (the reader's blocks at either edge are its own, part computed and part read
+#: from the source); ``block`` borrows only the whole reader blocks inside the run and
+#: computes the tokens at either edge.
+EDGES = ("slot", "block")
+
+
+def borrow_range(inj: Injection, block_size: int, min_tokens: int,
+                 edges: str = "slot") -> tuple[int, int] | None:
+    """The reader positions ``(stop, end)`` shared mode borrows from an injection, or None
+    when too few remain.
+
+    ``edges="slot"``: all of ``[inj.stop, inj.end)``, if at least ``min_tokens``.
+    ``edges="block"``: the whole reader blocks inside it (``stop`` and ``end`` rounded
+    inwards to multiples of ``block_size``), if at least ``max(block_size, min_tokens)``
+    tokens; the tokens left at either edge are computed."""
+    if edges not in EDGES:
+        raise ValueError(f"edges must be one of {', '.join(EDGES)}, got {edges!r}")
+    if edges == "slot":
+        return (inj.stop, inj.end) if inj.end - inj.stop >= max(1, min_tokens) else None
     stop = -(-inj.stop // block_size) * block_size
     end = inj.end // block_size * block_size
     if end - stop < max(block_size, min_tokens):
         return None
     return stop, end
+
+
+def placeholder_blocks(ranges: Sequence[tuple[int, int]], block_size: int) -> list[int]:
+    """For a request's borrowed ranges ``(stop, end)``, in order: how many of its blocks
+    each one makes a placeholder (the blocks no position it computes falls in, so it holds
+    no copy of them). Between two ranges the request computes tokens, so its table
+    reaches the block of the next ``stop``; a range that starts where the last one ended
+    also covers the block they meet in, when it reaches past that block's end. The
+    partial blocks the request computes in are its own."""
+    B = block_size
+    out: list[int] = []
+    table, last_end = 0, None
+    for stop, end in ranges:
+        table = max(table, stop // B if stop == last_end else -(-stop // B))
+        n = max(0, end // B - table)
+        out.append(n)
+        table += n
+        last_end = end
+    return out

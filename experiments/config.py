@@ -321,7 +321,8 @@ def _sequence_options(raw: Any, where: str) -> dict[str, Any]:
 ABLATIONS = {"shared-lru": ("shared", {"eviction": "lru"}),
              "shared-fcfs": ("shared", {"order": "fcfs"}),
              "shared-gate": ("shared", {"admission": "gate"}),
-             "shared-k32": ("shared", {"k": 32})}
+             "shared-k32": ("shared", {"k": 32}),
+             "shared-block-edges": ("shared", {"edges": "block"})}
 
 
 def arm_engine_kwargs(arm: str, sequence: dict | None = None) -> tuple[str, dict[str, Any]]:

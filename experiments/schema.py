@@ -15,7 +15,7 @@ the ``vllm`` arm without prefix caching):
 
 Identity (scope ``all``)
     run_id (str, equals the file stem), kind ("offline"|"online"),
-    arm ("vllm"|"vllm-apc"|"prefix"|"sequence"|"shared"|"shared-lru"|"shared-fcfs"|"shared-gate"|"shared-k32"),
+    arm ("vllm"|"vllm-apc"|"prefix"|"sequence"|"shared"|"shared-lru"|"shared-fcfs"|"shared-gate"|"shared-k32"|"shared-block-edges"),
     use_case (str),
     workload_file (str), num_blocks (int, KV capacity in blocks),
     block_size (int, tokens), num_requests (int), rep (int), model (str),
@@ -64,9 +64,10 @@ KINDS = ("offline", "online")
 #: (the ablation of its reuse-aware order); ``shared-gate`` shared mode admitting on the
 #: gate alone (the ablation of promised blocks and the group hold); ``shared-k32`` shared
 #: mode recomputing the first 32 tokens of each run (more reuse than the default k = 128,
-#: outside the quality floor), whatever the config's k.
+#: outside the quality floor), whatever the config's k; ``shared-block-edges`` shared mode
+#: borrowing only the whole reader blocks inside a run (the ablation of slot-granular edges).
 ARMS = ("vllm", "vllm-apc", "prefix", "sequence", "shared", "shared-lru", "shared-fcfs",
-        "shared-gate", "shared-k32")
+        "shared-gate", "shared-k32", "shared-block-edges")
 STATUSES = ("ok", "failed")
 #: Arm that ratios are computed against.
 BASELINE_ARM = "vllm-apc"
@@ -90,7 +91,7 @@ def _f(name, typ, scope, nullable, doc):
 _IDENTITY = [
     _f("run_id", "str", "all", False, "unique run id; equals the JSON file stem"),
     _f("kind", "str", "all", False, "offline | online"),
-    _f("arm", "str", "all", False, "vllm | vllm-apc | prefix | sequence | shared | shared-lru | shared-fcfs | shared-gate | shared-k32"),
+    _f("arm", "str", "all", False, "vllm | vllm-apc | prefix | sequence | shared | shared-lru | shared-fcfs | shared-gate | shared-k32 | shared-block-edges"),
     _f("use_case", "str", "all", False, "workload / use-case name"),
     _f("workload_file", "str", "all", False, "workload JSONL path"),
     _f("num_blocks", "int", "all", False, "KV capacity in blocks"),

@@ -80,7 +80,25 @@ def test_run_borrowed_from_identical_context_gives_the_exact_output(engines, ref
     s1 = _stats(llm)
     assert _delta(s1, s0, "borrowed_runs") >= 1
     assert _delta(s1, s0, "borrowed_tokens") >= 320          # 10+ whole blocks of D
+    # the run starts and ends mid-block: its edge positions are read from the source
+    # into the reader's own edge blocks (slot edges, the default), none is computed
+    assert _delta(s1, s0, "shared_edge_slots") > 0 and _delta(s1, s0, "shared_edge_tokens") == 0
     assert out == _ref(reference, SAME_CONTEXT[:1], 16)
+    assert s1["physical_blocks"] == 0 and s1["held_source_blocks"] == 0
+
+
+def test_block_edges_borrow_whole_blocks_and_compute_the_edges_exactly(engines, reference):
+    """``edges=block``: the same borrows rounded inwards to whole reader blocks; the edge
+    tokens are computed, and outputs stay exact."""
+    llm = engines.get("shared-k0-block", **TINY, num_gpu_blocks_override=80, dedup="shared",
+                      enable_prefix_caching=False, dedup_options={"k": 0, "edges": "block"})
+    _greedy(llm, [A], max_tokens=1)
+    s0 = _stats(llm)
+    outs = _greedy(llm, SAME_CONTEXT[:3], max_tokens=48)
+    s1 = _stats(llm)
+    assert outs == _ref(reference, SAME_CONTEXT[:3])
+    assert _delta(s1, s0, "borrowed_runs") >= 3 and _delta(s1, s0, "borrowed_tokens") % B == 0
+    assert _delta(s1, s0, "shared_edge_tokens") > 0 and _delta(s1, s0, "shared_edge_slots") == 0
     assert s1["physical_blocks"] == 0 and s1["held_source_blocks"] == 0
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from dedup.hashing import Chunk, token_digest
 from dedup.index import DedupIndex
-from dedup.planner import ChunkSource, plan_injections
+from dedup.planner import ChunkSource, Injection, borrow_range, placeholder_blocks, plan_injections
 
 
 def _chunks(tokens, cuts):
@@ -104,3 +104,29 @@ def test_tail_recomputes_the_end_of_each_run():
                            tail=inj.end - inj.stop + 24 - 7) == []
     with pytest.raises(ValueError, match="tail"):
         plan_injections(new, chunks, idx, start=0, max_end=len(new) - 1, k=16, tail=-1)
+
+
+def _inj(stop, end):
+    return Injection(run_start=stop - 32, stop=stop, end=end)
+
+
+def test_borrow_range_slot_edges_keep_the_run_and_block_edges_round_inwards():
+    assert borrow_range(_inj(45, 300), 32, 32, "slot") == (45, 300)
+    assert borrow_range(_inj(45, 300), 32, 32, "block") == (64, 288)
+    assert borrow_range(_inj(45, 70), 32, 32, "slot") is None        # under min_tokens
+    assert borrow_range(_inj(45, 90), 32, 32, "slot") == (45, 90)    # no whole block in it
+    assert borrow_range(_inj(45, 90), 32, 32, "block") is None
+    with pytest.raises(ValueError, match="edges"):
+        borrow_range(_inj(45, 300), 32, 32, "slots")
+
+
+def test_placeholder_blocks_count_blocks_no_computed_position_falls_in():
+    B = 32
+    assert placeholder_blocks([(45, 300)], B) == [300 // B - 2]      # blocks 2..8
+    assert placeholder_blocks([(64, 288)], B) == [7]
+    assert placeholder_blocks([(45, 90)], B) == [0]
+    # back to back at 300 (block 9 holds only borrowed positions if the second run
+    # passes its end); with tokens computed between, the next run starts its own block
+    assert placeholder_blocks([(45, 300), (300, 500)], B) == [7, 500 // B - 9]
+    assert placeholder_blocks([(45, 300), (301, 500)], B) == [7, 500 // B - 10]
+    assert placeholder_blocks([(45, 300), (300, 310)], B) == [7, 0]

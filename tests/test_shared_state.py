@@ -1,5 +1,6 @@
-"""SharedState without an engine: borrows aligned to blocks, source holds released on
-every path, pool reuse evicting chunks, tenants apart, recurring chunks protected."""
+"""SharedState without an engine: borrows to the slot (or to whole blocks), placeholders
+only over blocks the reader computes nothing in, source holds released on every path, pool
+reuse evicting chunks, tenants apart, recurring chunks protected."""
 
 from __future__ import annotations
 
@@ -33,11 +34,11 @@ class FakePool:
     def num_evictable(self, ids):
         return sum(self.refs.get(i, 0) == 0 for i in ids)
 
-    def place_borrow(self, rid, start, end):
+    def place_borrow(self, rid, start, end):   # VerifiedKVCacheManager.place_borrow's rule
         t = self.tables.setdefault(rid, [])
-        if len(t) * B != start:
+        if not start // B <= len(t) <= -(-start // B):
             return False
-        t.extend([None] * ((end - start) // B))
+        t.extend([None] * max(0, end // B - len(t)))
         return True
 
     def held(self) -> int:
@@ -62,10 +63,10 @@ class FakePool:
 class Engine:
     """Steps requests through a SharedState the way DedupScheduler does."""
 
-    def __init__(self, k=32, min_inject=32, admission="group"):
+    def __init__(self, k=32, min_inject=32, admission="group", edges="slot"):
         self.pool = FakePool()
         self.state = SharedState(block_size=B, bytes_per_token=8, k=k, pool=self.pool,
-                                 min_inject=min_inject, admission=admission)
+                                 min_inject=min_inject, admission=admission, edges=edges)
         self.next_block = 1
 
     def step(self, req, budget=4096):
@@ -89,8 +90,8 @@ class Engine:
             self.step(req)
 
 
-def test_borrow_is_block_aligned_inside_the_run_and_edges_are_counted():
-    e = Engine()
+def test_block_edges_borrow_the_whole_blocks_inside_the_run_and_count_the_edges():
+    e = Engine(edges="block")
     doc = _tokens(1, 600)
     a, b = _req("a", _tokens(2, 37) + doc + [5]), _req("b", _tokens(3, 50) + doc + [6])
     e.run(a)
@@ -110,6 +111,56 @@ def test_borrow_is_block_aligned_inside_the_run_and_edges_are_counted():
     assert e.state.edge_tokens == bp.edge_tokens > 0
     assert None in e.pool.tables["b"]
     assert e.state.exact_limit("b") == bp.stop
+
+
+def test_slot_edges_borrow_the_run_to_the_slot_and_own_only_the_edge_blocks():
+    """The borrow starts at the run's k-th token and ends at the planned end, mid-block;
+    the reader's blocks holding those positions are its own (it computes tokens in them),
+    every block in between is a placeholder, and nothing at the edges is computed."""
+    e = Engine(k=32)
+    doc = _tokens(1, 600)
+    a, b = _req("a", _tokens(2, 37) + doc + [5]), _req("b", _tokens(3, 55) + doc + [6])
+    e.run(a)
+    (inj,) = e.state._injections(_req("probe", b.prompt_token_ids), 0)
+    e.step(b)
+    (bp,) = e.state.plans["b"].injections
+    assert (bp.stop, bp.end) == (inj.stop, inj.end) == (b.num_computed_tokens, bp.end)
+    assert bp.stop % B and bp.end % B                       # this case is misaligned at both
+    assert bp.holes == bp.end // B - -(-bp.stop // B) and bp.edge_tokens == 0
+    assert bp.edge_slots == bp.num_tokens - bp.holes * B > 0
+    first = bp.src // B                                     # source blocks of every position
+    assert bp.blocks == e.pool.tables["a"][first:(bp.src + bp.num_tokens - 1) // B + 1]
+    e.run(b)
+    t = e.pool.tables["b"]
+    assert [i for i, x in enumerate(t) if x is None] == \
+        list(range(-(-bp.stop // B), bp.end // B))
+    assert t[bp.stop // B] is not None and t[bp.end // B] is not None
+    assert e.state.tokens_reused == bp.num_tokens and e.state.edge_tokens == 0
+    assert e.state.edge_slots == bp.edge_slots
+    assert e.state.exact_limit("b") == bp.stop
+    block = Engine(k=32, edges="block")                      # the same run, rounded inwards
+    block.run(_req("a", a.prompt_token_ids))
+    block.run(_req("b", b.prompt_token_ids))
+    assert block.state.tokens_reused + block.state.edge_tokens == bp.num_tokens
+    assert block.state.tokens_reused < bp.num_tokens
+
+
+def test_back_to_back_slot_borrows_share_the_block_they_meet_in():
+    """With k = 0 two runs from different sources meet mid-block: that block holds only
+    borrowed positions, so it is a placeholder too, and nothing is computed between. (``c``
+    computes d2 first, so ``a`` borrows it and is the source of d1 and the seam only.)"""
+    e = Engine(k=0)
+    d1, d2 = _tokens(70, 300), _tokens(71, 300)
+    e.run(_req("c", _tokens(73, 45) + d2 + [6]))
+    e.run(_req("a", _tokens(72, 20) + d1 + d2 + [5]))
+    b = _req("b", _tokens(74, 33) + d1 + d2 + [7])
+    e.run(b)
+    runs = e.state.active["b"]
+    assert len(runs) == 2 and runs[0].end == runs[1].stop
+    t = e.pool.tables["b"]
+    holes = [i for i, x in enumerate(t) if x is None]
+    assert holes == list(range(-(-runs[0].stop // B), runs[1].end // B))
+    assert sum(r.holes for r in runs) == len(holes)
 
 
 def test_every_step_after_the_jump_sends_the_borrow_with_the_last_token_slot():

@@ -15,12 +15,13 @@ Extends ``vllm.v1.core.kv_cache_manager.KVCacheManager``:
 * ``free``: forgets the request's ledger cursor (preemption and finish free blocks).
 * shared mode, admission: vLLM admits a new request only if its whole prompt fits in the
   free blocks (``full_sequence_must_fit``, on by default). A borrower holds no block over
-  its borrowed ranges, so for a request with ``borrowed_tokens(request) > 0`` the gate
-  counts only the blocks it will own (``_fits_full``) and vLLM's own gate is skipped.
+  the whole blocks of its borrowed ranges, so for a request with
+  ``borrowed_blocks(request) > 0`` the gate counts only the blocks it will own
+  (``_fits_full``) and vLLM's own gate is skipped.
 * sequence and shared modes: ``cache_limit(request_id)`` caps which tokens may be
   registered in the prefix cache (vLLM's own caching is deferred and redone up to the cap).
 * shared mode (``install_shared``): ``place_borrow`` puts the pool's null block in a
-  request's block table over a borrowed range; the next ``allocate_slots`` that succeeds
+  request's block table over the whole blocks of a borrowed range; the next ``allocate_slots`` that succeeds
   for the request returns those placeholders ahead of its new blocks, so the model
   runner's copy of the table stays aligned with vLLM's. ``hold``/``release`` take and drop
   references on source blocks (``BlockPool.touch``/``free_blocks``); the pool itself is
@@ -88,7 +89,7 @@ class VerifiedKVCacheManager(KVCacheManager):
         self._recorded: dict[str, int] = {}        # request id -> blocks recorded
         self._pending: dict[str, tuple[int, int]] = {}  # request id -> (verified, rejected)
         self._unsent_nulls: dict[str, int] = {}    # request id -> placeholders not yet sent
-        self.borrowed_tokens = None  # request -> prompt tokens it will borrow (shared mode)
+        self.borrowed_blocks = None  # request -> placeholders it will take (shared mode)
 
     # -- lookup ------------------------------------------------------------------------
     def get_computed_blocks(self, request):
@@ -128,8 +129,8 @@ class VerifiedKVCacheManager(KVCacheManager):
                        num_external_computed_tokens: int = 0,
                        delay_cache_blocks: bool = False, **kwargs):
         before = request.num_computed_tokens
-        if kwargs.get("full_sequence_must_fit") and self.borrowed_tokens is not None:
-            borrowed = self.borrowed_tokens(request)
+        if kwargs.get("full_sequence_must_fit") and self.borrowed_blocks is not None:
+            borrowed = self.borrowed_blocks(request)
             if borrowed:
                 if not self._fits_full(request, borrowed, new_computed_blocks,
                                        kwargs.get("has_scheduled_reqs", True)):
@@ -165,14 +166,14 @@ class VerifiedKVCacheManager(KVCacheManager):
 
     def _fits_full(self, request, borrowed: int, new_computed_blocks,
                    has_scheduled_reqs: bool) -> bool:
-        """vLLM's full-prompt admission gate, for a request that will hold no block over
-        ``borrowed`` prompt tokens (whole blocks): the blocks it will own, plus prefix hits
+        """vLLM's full-prompt admission gate, for a request that will hold ``borrowed``
+        placeholder blocks instead of its own: the blocks it will own, plus prefix hits
         that sit in the free queue, plus vLLM's watermark, must fit in the free blocks."""
         B = self.block_size
         hits = list(new_computed_blocks.blocks[0]) if new_computed_blocks is not None else []
         owned = self.num_request_blocks(request.request_id) + len(hits)
         full = min(request.num_tokens, self.max_model_len)
-        need = max(0, -(-full // B) - borrowed // B - owned)
+        need = max(0, -(-full // B) - borrowed - owned)
         need += sum(b.ref_cnt == 0 and not b.is_null for b in hits)
         if has_scheduled_reqs and request.status in (RequestStatus.WAITING,
                                                      RequestStatus.PREEMPTED):
@@ -193,16 +194,21 @@ class VerifiedKVCacheManager(KVCacheManager):
 
         SharedBlockPool.install(self.block_pool, on_reuse=state.on_reuse,
                                 protected=state.protected if protect else None)
-        self.borrowed_tokens = state.borrowed_tokens
+        self.borrowed_blocks = state.borrowed_blocks
 
     def place_borrow(self, request_id: str, start: int, end: int) -> bool:
-        """Null placeholders over positions [start, end) (whole blocks) of a running
-        request whose table ends exactly at ``start``; False (nothing changed) otherwise."""
+        """Null placeholders over the blocks of positions [start, end) of a running
+        request that no position it computes falls in; False (nothing changed) unless its
+        table ends with the block that holds position ``start - 1`` or, after a borrow
+        that ended at ``start``, the one before (that block's positions are all borrowed).
+        The blocks holding ``start`` and ``end`` are the request's own when it computes
+        positions in them: the first is already in its table, the last is allocated when
+        the request computes from ``end`` on."""
         blocks = self.coordinator.single_type_managers[0].req_to_blocks.get(request_id)
         B = self.block_size
-        if blocks is None or start % B or end % B or len(blocks) * B != start:
+        if blocks is None or end < start or not start // B <= len(blocks) <= -(-start // B):
             return False
-        n = (end - start) // B
+        n = max(0, end // B - len(blocks))
         blocks.extend([self.block_pool.null_block] * n)
         self._unsent_nulls[request_id] = self._unsent_nulls.get(request_id, 0) + n
         return True

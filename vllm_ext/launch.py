@@ -22,7 +22,10 @@ imported only when an engine is built.
   ``dedup_options``: ``k``, ``tail``, ``min_inject``, ``eviction`` ("frequency", default, or
   "lru"), ``order`` (as for ``sequence``), ``admission`` ("group", default: running
   requests' remaining blocks are promised and a document's first occurrence waits until
-  its followers fit too; or "gate": only the blocks a borrower owns are counted).
+  its followers fit too; or "gate": only the blocks a borrower owns are counted), ``edges``
+  ("slot", default: a run is borrowed to the slot, the reader's partial edge blocks hold
+  its computed tokens; or "block": only the whole reader blocks inside a run are
+  borrowed, the edge tokens are computed; ``dedup.planner.borrow_range``).
 
 Options for evaluation and tests only: ``inject_prompt_logprobs`` and
 ``debug_collide_hashes`` (see ``vllm_ext.scheduler``).
@@ -63,18 +66,20 @@ OWNED = ("scheduler_cls", "kv_transfer_config")
 #: config's ``sequence:``) with the scheduler's defaults: tokens recomputed at the start of
 #: each reused run, at its end, the sequence store's budget in bytes, the shortest run worth
 #: reusing, shared mode's free-queue order, the admission order of waiting requests, shared
-#: mode's admission rule (``vllm_ext.shared``). k = 128 is the smallest k tried (0, 32, 64,
+#: mode's admission rule and how a borrow meets the reader's blocks (``vllm_ext.shared``). k = 128 is the smallest k tried (0, 32, 64,
 #: 128) whose outputs stay within the whitespace noise floor on 80 held-out chat cases
 #: (docs/results.md, quality); k = 32 reuses more (f 0.62 against 0.51 in the main job)
 #: and moves top-1 agreement by 0.008 more than that floor.
 #: Integer options are >= 0; the others take a choice.
 DEDUP_OPTIONS = {"k": 128, "tail": 0, "store_bytes": 1 << 30, "min_inject": 32,
-                 "eviction": "frequency", "order": "reuse", "admission": "group"}
+                 "eviction": "frequency", "order": "reuse", "admission": "group",
+                 "edges": "slot"}
 OPTION_CHOICES = {"eviction": ("frequency", "lru"), "order": ("reuse", "fcfs"),
-                  "admission": ("group", "gate")}
+                  "admission": ("group", "gate"), "edges": ("slot", "block")}
 #: The options each mode reads.
 MODE_OPTIONS = {"sequence": ("k", "tail", "store_bytes", "min_inject", "order"),
-                "shared": ("k", "tail", "min_inject", "eviction", "order", "admission")}
+                "shared": ("k", "tail", "min_inject", "eviction", "order", "admission",
+                           "edges")}
 #: Set (unless already set) wherever kvdedup starts an engine or a server: the offline
 #: ``LLM``, ``kvdedup serve``, the experiment runner and its servers. vLLM 0.32's CPU
 #: worker otherwise keeps cores away from the model: one per worker, and one more when a

@@ -58,6 +58,7 @@ class StepStats:
     borrowed_runs: int = 0           # runs borrowed from the pool (shared mode)
     borrowed_tokens: int = 0         # tokens whose KV was borrowed, not held (shared mode)
     shared_edge_tokens: int = 0      # run tokens computed to align a borrow to blocks
+    shared_edge_slots: int = 0       # borrowed tokens in the reader's own (edge) blocks
     shared_group_held: int = 0       # first occurrences that waited for room for their followers
     borrowed_blocks: int = 0         # placeholders in running requests' block tables
     held_source_blocks: int = 0      # distinct source blocks held for borrowers
@@ -72,7 +73,7 @@ FIELDS = [f.name for f in fields(StepStats)]
 COUNTERS = ("prefix_queries", "prefix_hits", "verified_hits", "collisions", "preemptions",
             "sequence_hits", "sequence_tokens_reused", "store_evictions", "sequence_held",
             "scheduled_tokens", "prefill_tokens", "borrowed_runs", "borrowed_tokens",
-            "shared_edge_tokens", "shared_group_held", "faults")
+            "shared_edge_tokens", "shared_edge_slots", "shared_group_held", "faults")
 
 
 class StatsBoard:

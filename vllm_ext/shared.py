@@ -14,10 +14,14 @@ Ownership and reference counts (the pool's, through ``BlockHolder``):
   finished. Holding a cached free block takes it out of the free queue, and admission
   counts that against the free pool;
 * the borrower's own block table holds the pool's null block (a placeholder vLLM never
-  frees or caches) over the borrowed range, which is whole blocks of the borrower:
-  ``stop`` and ``end`` are rounded inwards to block boundaries, and the tokens between the
-  run's ``k``-th token and ``stop``, and between ``end`` and the run's end (the *edges*,
-  ``shared_edge_tokens``), are computed normally into the borrower's own blocks;
+  frees or caches) over the whole blocks of the borrowed range. Its edges (option
+  ``edges``, ``dedup.planner.borrow_range``):
+  - ``"slot"`` (default): the range is the run's tokens after its first ``k``, to the
+    slot. The partial blocks at either edge are the borrower's own: its computed tokens
+    sit in them, and the attention kernel reads the borrowed positions in them from the
+    source (their slots stay empty: ``shared_edge_slots``);
+  - ``"block"``: ``stop`` and ``end`` are rounded inwards to block boundaries, and the
+    tokens between them and the run's (``shared_edge_tokens``) are computed normally;
 * when no request holds a source block any more it returns to the pool's free queue,
   still indexed: the pool is the store. When the pool hands the block out again
   (``on_reuse``), every chunk that lives in it leaves the index (``shared_evictions``);
@@ -42,7 +46,7 @@ from typing import Protocol
 import numpy as np
 
 from dedup.hashing import Chunk
-from dedup.planner import ChunkSource, borrow_range
+from dedup.planner import EDGES, ChunkSource, borrow_range, placeholder_blocks
 
 from .sequence import MAX_BYPASS, ORDER_WINDOW, RequestPlan, SequenceState
 
@@ -73,7 +77,9 @@ class BorrowPlan:
     delta: int
     src: int
     blocks: list[int]
-    edge_tokens: int = 0
+    holes: int = 0          # reader blocks it makes placeholders (``placeholder_blocks``)
+    edge_tokens: int = 0    # run tokens computed because the borrow was rounded to blocks
+    edge_slots: int = 0     # borrowed positions that fall in the reader's own edge blocks
 
     @property
     def num_tokens(self) -> int:
@@ -106,10 +112,14 @@ class BlockHolder(Protocol):
 
 class SharedState(SequenceState):
     def __init__(self, block_size: int, bytes_per_token: int, k: int, pool: BlockHolder,
-                 min_inject: int = 32, admission: str = "group", **kwargs) -> None:
+                 min_inject: int = 32, admission: str = "group", edges: str = "slot",
+                 **kwargs) -> None:
         if admission not in ("group", "gate"):
             raise ValueError(f"admission must be group or gate, got {admission!r}")
+        if edges not in EDGES:
+            raise ValueError(f"edges must be one of {', '.join(EDGES)}, got {edges!r}")
         self.admission = admission
+        self.edges = edges
         # The index holds metadata only: the pool bounds what is stored.
         super().__init__(block_size, bytes_per_token, store_bytes=1 << 62, k=k,
                          min_inject=min_inject, **kwargs)
@@ -121,6 +131,7 @@ class SharedState(SequenceState):
         self.sightings: Counter = Counter()           # chunk digest -> prompts with it
         self.borrows: list[Borrow] = []               # this step's, for the worker
         self.edge_tokens = 0
+        self.edge_slots = 0
         self.shared_evictions = 0
         self.cancelled = 0
         self.running: list = []                       # vLLM's live running list (this step)
@@ -137,9 +148,12 @@ class SharedState(SequenceState):
         return c
 
     def _new_plan(self, request, start: int) -> RequestPlan:
-        """Shared mode: borrow the whole blocks inside each run; hold their sources."""
+        """Shared mode: borrow each run (``_to_borrow``); hold the source blocks."""
         inj = self._injections(request, start)
         borrows = [b for b in (self._to_borrow(i) for i in inj) if b is not None]
+        B = self.block_size
+        for b, n in zip(borrows, placeholder_blocks([(b.stop, b.end) for b in borrows], B)):
+            b.holes, b.edge_slots = n, b.num_tokens - n * B
         if DEBUG:
             logger.warning("kvdedup shared: plan %s start=%d injections=%s borrows=%s",
                            request.request_id, start, [(i.stop, i.end) for i in inj],
@@ -155,9 +169,10 @@ class SharedState(SequenceState):
         return p
 
     def _to_borrow(self, inj) -> BorrowPlan | None:
-        """The block-aligned borrow inside an injection, or None if under a block."""
+        """The borrow of an injection (its edges as ``self.edges`` says), or None when
+        too short, or when its source is not wholly in the pool any more."""
         B = self.block_size
-        rng = borrow_range(inj, B, self.min_inject)
+        rng = borrow_range(inj, B, self.min_inject, self.edges)
         if rng is None:
             return None
         stop, end = rng
@@ -204,10 +219,10 @@ class SharedState(SequenceState):
         return need <= free_blocks - self.promised()
 
     def _own_blocks(self, request, borrows) -> int:
-        """Blocks a request's prompt occupies in its own table, less the ``borrows`` still
-        to be placed (each a run of whole placeholder blocks)."""
+        """Blocks a request's prompt occupies in its own table, less the placeholders of
+        the ``borrows`` still to be placed."""
         B = self.block_size
-        return -(-len(request.prompt_token_ids) // B) - sum(b.num_tokens // B for b in borrows)
+        return -(-len(request.prompt_token_ids) // B) - sum(b.holes for b in borrows)
 
     def promised(self) -> int:
         """Blocks the running requests will still allocate: the rest of each one's prompt
@@ -222,11 +237,11 @@ class SharedState(SequenceState):
                      - self.pool.num_request_blocks(r.request_id)) + 1
         return n
 
-    def borrowed_tokens(self, request) -> int:
-        """Prompt tokens the request's plan borrows and has not yet jumped over (the
+    def borrowed_blocks(self, request) -> int:
+        """Placeholder blocks the request's plan will take and has not yet placed (the
         admission gate counts no block of its own for them)."""
         p = self.plans.get(request.request_id)
-        return sum(b.num_tokens for b in p.injections) if p is not None else 0
+        return sum(b.holes for b in p.injections) if p is not None else 0
 
     def begin_step(self, running, waiting=()) -> None:
         """Claims as in sequence mode; borrows allocate nothing, so ``admission="gate"``
@@ -306,6 +321,7 @@ class SharedState(SequenceState):
         self.hits += 1
         self.tokens_reused += b.num_tokens
         self.edge_tokens += b.edge_tokens
+        self.edge_slots += b.edge_slots
         return b.end
 
     # -- after the step is scheduled ----------------------------------------------------
@@ -368,6 +384,7 @@ class SharedState(SequenceState):
         st.update(store_bytes=0, store_entries=len(self.index),
                   store_evictions=self.shared_evictions,
                   borrowed_runs=self.hits, borrowed_tokens=self.tokens_reused,
-                  shared_edge_tokens=self.edge_tokens, shared_group_held=self.group_held,
+                  shared_edge_tokens=self.edge_tokens, shared_edge_slots=self.edge_slots,
+                  shared_group_held=self.group_held,
                   held_source_blocks=len({b for h in self.holds.values() for b in h}))
         return st
