@@ -208,7 +208,7 @@ class SharedState(SequenceState):
         if self.admission == "gate":
             if not p.injections:
                 return True
-            need = taken + max(0, p.injections[0].stop // B - start // B)
+            need = taken + max(0, -(-p.injections[0].stop // B) - start // B)
             if need > free_blocks - self.reserved:
                 return False
             self.reserved += need
