@@ -48,10 +48,10 @@ import numpy as np
 import xxhash
 
 from analysis import AnalysisError
-from dedup.planner import EDGES
 from analysis.borrow import shared_footprints
 from analysis.packing import rule_bounds
 from analysis.simulate import RequestFootprint, simulate_kv_blocks, SIMULATION_MODEL
+from dedup.planner import EDGES
 from experiments.workloads.format import Request, WorkloadError, load_workload
 
 __all__ = [
@@ -369,9 +369,9 @@ def audit_requests(
     edges: str = "slot",
 ) -> dict:
     """Audit already-loaded requests; see :func:`audit_workload` for the keys. ``k``,
-    ``min_inject`` and ``edges`` are shared mode's settings for the ``shared`` rule; for each pool size
-    in ``num_blocks`` the result has each rule's lower bound on engine steps
-    (``analysis.packing``)."""
+    ``min_inject`` and ``edges`` are shared mode's settings for the ``shared`` rule; for
+    each pool size in ``num_blocks`` the result has each rule's lower bound on engine
+    steps (``analysis.packing``)."""
     if not requests:
         raise AnalysisError("no requests to audit")
     if not block_sizes:

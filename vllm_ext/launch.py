@@ -66,8 +66,9 @@ OWNED = ("scheduler_cls", "kv_transfer_config")
 #: config's ``sequence:``) with the scheduler's defaults: tokens recomputed at the start of
 #: each reused run, at its end, the sequence store's budget in bytes, the shortest run worth
 #: reusing, shared mode's free-queue order, the admission order of waiting requests, shared
-#: mode's admission rule and how a borrow meets the reader's blocks (``vllm_ext.shared``). k = 128 is the smallest k tried (0, 32, 64,
-#: 128) whose outputs stay within the whitespace noise floor on 80 held-out chat cases
+#: mode's admission rule and how a borrow meets the reader's blocks (``vllm_ext.shared``).
+#: k = 128 is the smallest k tried (0, 32, 64, 128) whose outputs stay within the
+#: whitespace noise floor on 80 held-out chat cases
 #: (docs/results.md, quality); k = 32 reuses more (f 0.62 against 0.51 in the main job)
 #: and moves top-1 agreement by 0.008 more than that floor.
 #: Integer options are >= 0; the others take a choice.
