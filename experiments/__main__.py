@@ -1,7 +1,7 @@
 """Command line: ``python -m experiments {run,summarize,list}``.
 
     python -m experiments run CONFIG [--arms A B ..] [--use-cases U ..] [--out DIR] [--quick]
-                                     [--reps N] [--dry-run]
+                                     [--reps N] [--num-blocks B ..] [--dry-run]
     python -m experiments summarize OUT      # rebuild runs.parquet + summary.json, print the table
     python -m experiments list               # the configs under experiments/configs/
     python -m experiments vllm-bench {convert,run,serve} ...   # vLLM's own serving benchmark
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.config import CONFIG_DIR, ConfigError, load_config
+from experiments.config import CONFIG_DIR, ConfigError, int_list, load_config
 from experiments.schema import ARMS
 from experiments.workloads import WorkloadError
 
@@ -39,6 +39,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--use-cases", nargs="+", metavar="USE_CASE",
                    help="run only these workloads of the config (by use_case name)")
     r.add_argument("--reps", type=int, help="override the number of repetitions")
+    r.add_argument("--num-blocks", type=int, nargs="+", metavar="B",
+                   help="override the swept KV capacities (blocks of engine.block_size tokens)")
     r.add_argument("--dry-run", action="store_true", help="check inputs, list the runs, start nothing")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     s = sub.add_parser("summarize", help="rebuild runs.parquet and summary.json of OUT")
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.reps < 1:
                 raise ConfigError("--reps must be >= 1")
             cfg.reps = args.reps
+        if args.num_blocks is not None:
+            cfg.num_blocks = int_list(args.num_blocks, "--num-blocks")
         out = args.out or runner.default_out(cfg, args.quick)
         t0 = time.time()
         summary, done = runner.run_sweep(cfg, out, dry_run=args.dry_run,

@@ -147,7 +147,7 @@ def _expand(p: str) -> Path:
     return Path(os.path.expanduser(s))
 
 
-def _int_list(v: Any, key: str, minimum: int = 1) -> list[int]:
+def int_list(v: Any, key: str, minimum: int = 1) -> list[int]:
     vals = v if isinstance(v, list) else [v]
     out = []
     for x in vals:
@@ -272,8 +272,8 @@ def parse_config(raw: dict, where: str = "config") -> Config:
         specs.append(WorkloadSpec(uc, f, gen, prep))
     if len({s.use_case for s in specs}) != len(specs):
         raise ConfigError(f"{where}: workloads need distinct use_case names")
-    num_blocks = _int_list(raw.get("num_blocks", [200]), "num_blocks")
-    num_requests = _int_list(raw.get("num_requests", [16]), "num_requests")
+    num_blocks = int_list(raw.get("num_blocks", [200]), "num_blocks")
+    num_requests = int_list(raw.get("num_requests", [16]), "num_requests")
     online = dict(ONLINE_DEFAULTS)
     online.update(raw.get("online") or {})
     unknown = set(online) - set(ONLINE_DEFAULTS)

@@ -102,6 +102,16 @@ def test_use_cases_selects_workloads(tmp_path, workload, capsys):
     assert "offline_copy_" in listed and "shared-template" not in listed
 
 
+def test_num_blocks_overrides_capacities(tmp_path, workload, capsys):
+    cfg = write_cfg(tmp_path, workload)
+    assert cli_main(["run", str(cfg), "--num-blocks", "96", "64", "--dry-run",
+                     "--out", str(tmp_path / "o")]) == 0
+    listed = "".join(capsys.readouterr())
+    assert "_b96_" in listed and "_b64_" in listed
+    assert cli_main(["run", str(cfg), "--num-blocks", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--num-blocks: expected integers >= 1, got 0" in capsys.readouterr().err
+
+
 def test_crashed_run_is_recorded_and_sweep_goes_on(tmp_path, workload, capsys, monkeypatch):
     calls = []
 
