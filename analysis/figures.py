@@ -99,6 +99,11 @@ def _legend_below(fig, axes) -> None:
                    ncol=min(len(labels), 5), frameon=False, bbox_to_anchor=(0.5, -0.01))
 
 
+def _natural(text: str) -> list:
+    """Sort key that orders embedded numbers by value ("r8" before "r12")."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
 def _with_cases(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """``df`` with a ``case`` column (a panel or bar group): the use case, plus the request
     count where a use case ran with several (never pooled); and the keys identifying a case."""
@@ -149,7 +154,7 @@ def use_case_figure(df: pd.DataFrame, out_dir: Path, name: str = "throughput_by_
     df, case_keys = _with_cases(df)
     full = df[df["num_blocks"] == df.groupby("case")["num_blocks"].transform("max")]
     agg = aggregate(full, [*case_keys, "num_blocks", "arm"], [m for m, _ in metrics])
-    cases = sorted(agg["case"].unique())
+    cases = sorted(agg["case"].unique(), key=_natural)
     arms = _arms_in(agg)
     width = 0.8 / max(len(arms), 1)
     fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.6 + len(cases) * (0.5 + 0.45 * len(arms))), 7.0),
@@ -173,7 +178,8 @@ def use_case_figure(df: pd.DataFrame, out_dir: Path, name: str = "throughput_by_
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
         ax.grid(axis="x", visible=False)
-    fig.suptitle("Offline throughput per use case at full KV capacity (median, bars: min-max)")
+    fig.suptitle("Offline throughput per use case at its largest KV capacity run "
+                 "(median, bars: min-max)")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     _legend_below(fig, axes)
     return _save(fig, agg, out_dir, name)

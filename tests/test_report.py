@@ -411,3 +411,25 @@ def test_every_arm_has_its_own_figure_style():
     assert set(ARMS) <= set(ARM_STYLE)
     styles = [(ARM_STYLE[a]["color"], ARM_STYLE[a]["marker"]) for a in ARMS]
     assert len(set(styles)) == len(styles)
+
+
+def test_use_case_bars_order_numbers_by_value(tmp_path, monkeypatch):
+    """Bar groups named with numbers (readers per document) are ordered r8 before r12."""
+    import matplotlib.axes
+
+    from analysis.figures import use_case_figure
+
+    rows = [{"use_case": uc, "num_requests": 32, "num_blocks": 128, "arm": arm, "rep": 0,
+             "request_throughput": 1.0, "total_token_throughput": 10.0}
+            for uc in ("mil-r12", "mil-r8", "mil-r4") for arm in ("vllm-apc", "shared")]
+    labels: list = []
+    real = matplotlib.axes.Axes.set_xticks
+
+    def spy(ax, ticks, lab=None, **kw):
+        labels.append([str(x).split("\n")[0] for x in (lab or [])])
+        return real(ax, ticks, lab, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks", spy)
+    paths = use_case_figure(pd.DataFrame(rows), tmp_path)
+    assert labels[0] == ["mil-r4", "mil-r8", "mil-r12"]
+    assert all(p.exists() for p in paths)
