@@ -51,7 +51,7 @@ from analysis import AnalysisError
 from analysis.borrow import shared_footprints
 from analysis.packing import rule_bounds
 from analysis.simulate import RequestFootprint, simulate_kv_blocks, SIMULATION_MODEL
-from dedup.planner import EDGES
+from dedup.planner import check_edges
 from experiments.workloads.format import Request, WorkloadError, load_workload
 
 __all__ = [
@@ -395,8 +395,10 @@ def audit_requests(
             raise AnalysisError(f"dedup.hashing.chunk_runs returned a bad span for request {i}")
     runs = _audit_runs(run_spans, total_tokens)
 
-    if edges not in EDGES:
-        raise AnalysisError(f"edges must be one of {', '.join(EDGES)}, got {edges!r}")
+    try:
+        check_edges(edges)
+    except ValueError as e:
+        raise AnalysisError(str(e)) from None
     shared_kwargs = {"k": k, "min_inject": min_inject, "chunk_kwargs": ckw, "edges": edges}
     per_bs = {
         str(b): _audit_block_size(prompts, outputs, b, concurrency, run_spans, shared_kwargs,

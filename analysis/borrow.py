@@ -29,7 +29,8 @@ import numpy as np
 
 from dedup.hashing import block_hashes, chunk_runs
 from dedup.index import DedupIndex
-from dedup.planner import ChunkSource, borrow_range, placeholder_blocks, plan_injections
+from dedup.planner import (ChunkSource, borrow_range, edge_slots, placeholder_blocks,
+                           plan_injections)
 
 from analysis.simulate import RequestFootprint
 
@@ -80,7 +81,7 @@ def shared_footprints(prompts: Sequence[Sequence[int]], outputs: Sequence[int],
             shared += [(src_keys[b] if b < len(src_keys) else ("block", s, b), B)
                        for b in range(first, last + 1)]
             covered += n_holes
-            totals["edge_slots"] += end - stop - n_holes * B
+            totals["edge_slots"] += edge_slots(stop, end, n_holes, B)
             totals["borrowed_tokens"] += end - stop
             totals["borrowed_runs"] += 1
         out.append(RequestFootprint(n, int(out_len), tuple(shared), covered=covered))

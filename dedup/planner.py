@@ -125,6 +125,13 @@ def plan_injections(tokens: Sequence[int] | np.ndarray, chunks: Sequence[Chunk],
 EDGES = ("slot", "block")
 
 
+def check_edges(edges: str) -> str:
+    """``edges`` if it is one of ``EDGES``; else ValueError naming the choices."""
+    if edges not in EDGES:
+        raise ValueError(f"edges must be one of {', '.join(EDGES)}, got {edges!r}")
+    return edges
+
+
 def borrow_range(inj: Injection, block_size: int, min_tokens: int,
                  edges: str = "slot") -> tuple[int, int] | None:
     """The reader positions ``(stop, end)`` shared mode borrows from an injection, or None
@@ -134,15 +141,19 @@ def borrow_range(inj: Injection, block_size: int, min_tokens: int,
     ``edges="block"``: the whole reader blocks inside it (``stop`` and ``end`` rounded
     inwards to multiples of ``block_size``), if at least ``max(block_size, min_tokens)``
     tokens; the tokens left at either edge are computed."""
-    if edges not in EDGES:
-        raise ValueError(f"edges must be one of {', '.join(EDGES)}, got {edges!r}")
-    if edges == "slot":
+    if check_edges(edges) == "slot":
         return (inj.stop, inj.end) if inj.end - inj.stop >= max(1, min_tokens) else None
     stop = -(-inj.stop // block_size) * block_size
     end = inj.end // block_size * block_size
     if end - stop < max(block_size, min_tokens):
         return None
     return stop, end
+
+
+def edge_slots(stop: int, end: int, holes: int, block_size: int) -> int:
+    """Borrowed positions of ``[stop, end)`` that fall in the reader's own (edge) blocks,
+    when ``holes`` of its blocks are placeholders: those slots stay empty."""
+    return end - stop - holes * block_size
 
 
 def placeholder_blocks(ranges: Sequence[tuple[int, int]], block_size: int) -> list[int]:

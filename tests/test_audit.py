@@ -311,3 +311,9 @@ def test_cli_k_sets_the_shared_rules_recomputed_head(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["audit", str(path), "--k", "-1"])
     assert exc.value.code == 2 and "--k: must be >= 0" in capsys.readouterr().err
+
+
+def test_bad_edges_is_an_analysis_error(tmp_path):
+    path = write_workload(tmp_path / "w.jsonl", [[1, 2, 3]])
+    with pytest.raises(AnalysisError, match="edges must be one of slot, block, got 'slots'"):
+        audit_workload(path, edges="slots")

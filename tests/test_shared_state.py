@@ -90,6 +90,13 @@ class Engine:
             self.step(req)
 
 
+def test_bad_options_are_refused_at_start():
+    with pytest.raises(ValueError, match="edges must be one of slot, block, got 'blocks'"):
+        Engine(edges="blocks")
+    with pytest.raises(ValueError, match="admission must be group or gate"):
+        Engine(admission="late")
+
+
 def test_block_edges_borrow_the_whole_blocks_inside_the_run_and_count_the_edges():
     e = Engine(edges="block")
     doc = _tokens(1, 600)

@@ -46,7 +46,8 @@ from typing import Protocol
 import numpy as np
 
 from dedup.hashing import Chunk
-from dedup.planner import EDGES, ChunkSource, borrow_range, placeholder_blocks
+from dedup.planner import (ChunkSource, borrow_range, check_edges, edge_slots,
+                           placeholder_blocks)
 
 from .sequence import MAX_BYPASS, ORDER_WINDOW, RequestPlan, SequenceState
 
@@ -116,10 +117,8 @@ class SharedState(SequenceState):
                  **kwargs) -> None:
         if admission not in ("group", "gate"):
             raise ValueError(f"admission must be group or gate, got {admission!r}")
-        if edges not in EDGES:
-            raise ValueError(f"edges must be one of {', '.join(EDGES)}, got {edges!r}")
         self.admission = admission
-        self.edges = edges
+        self.edges = check_edges(edges)
         # The index holds metadata only: the pool bounds what is stored.
         super().__init__(block_size, bytes_per_token, store_bytes=1 << 62, k=k,
                          min_inject=min_inject, **kwargs)
@@ -153,7 +152,7 @@ class SharedState(SequenceState):
         borrows = [b for b in (self._to_borrow(i) for i in inj) if b is not None]
         B = self.block_size
         for b, n in zip(borrows, placeholder_blocks([(b.stop, b.end) for b in borrows], B)):
-            b.holes, b.edge_slots = n, b.num_tokens - n * B
+            b.holes, b.edge_slots = n, edge_slots(b.stop, b.end, n, B)
         if DEBUG:
             logger.warning("kvdedup shared: plan %s start=%d injections=%s borrows=%s",
                            request.request_id, start, [(i.stop, i.end) for i in inj],
