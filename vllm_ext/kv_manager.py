@@ -22,9 +22,10 @@ Extends ``vllm.v1.core.kv_cache_manager.KVCacheManager``:
   registered in the prefix cache (vLLM's own caching is deferred and redone up to the cap).
 * shared mode (``install_shared``): ``place_borrow`` puts the pool's null block in a
   request's block table over the whole blocks of a borrowed range; the next
-  ``allocate_slots`` that succeeds for the request returns those placeholders ahead of its new blocks, so the model
-  runner's copy of the table stays aligned with vLLM's. ``hold``/``release`` take and drop
-  references on source blocks (``BlockPool.touch``/``free_blocks``); the pool itself is
+  ``allocate_slots`` that succeeds for the request returns those placeholders ahead of its
+  new blocks, so the model runner's copy of the table stays aligned with vLLM's.
+  ``hold``/``release`` take and drop references on source blocks
+  (``BlockPool.touch``/``free_blocks``); the pool itself is
   ``vllm_ext.block_pool.SharedBlockPool``.
 
 Ownership: vLLM's BlockPool owns blocks and reference counts; this class never changes

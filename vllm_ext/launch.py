@@ -45,6 +45,8 @@ import os
 import tempfile
 from typing import Any
 
+from dedup.planner import EDGES
+
 from .models import resolve_model
 
 #: The dedup modes and what each adds to stock vLLM (``--dedup`` help, errors, docs).
@@ -76,7 +78,7 @@ DEDUP_OPTIONS = {"k": 128, "tail": 0, "store_bytes": 1 << 30, "min_inject": 32,
                  "eviction": "frequency", "order": "reuse", "admission": "group",
                  "edges": "slot"}
 OPTION_CHOICES = {"eviction": ("frequency", "lru"), "order": ("reuse", "fcfs"),
-                  "admission": ("group", "gate"), "edges": ("slot", "block")}
+                  "admission": ("group", "gate"), "edges": EDGES}
 #: The options each mode reads.
 MODE_OPTIONS = {"sequence": ("k", "tail", "store_bytes", "min_inject", "order"),
                 "shared": ("k", "tail", "min_inject", "eviction", "order", "admission",
