@@ -106,6 +106,12 @@ def check_inputs(cfg: Config) -> dict[str, Any]:
                     f"capacity too small: num_blocks {nb} cannot hold even one request of "
                     f"{w.use_case!r} (request {worst + 1}: ceil(({plen} prompt + {olen} output)"
                     f"/{bs}) = {need} blocks of {bs} tokens); use num_blocks >= {need}")
+            if mml and -(-int(mml) // bs) > nb - 1:  # vLLM keeps one block back (null block)
+                raise ConfigError(
+                    f"num_blocks {nb} is below what vLLM needs for max_model_len {mml}: one "
+                    f"sequence of max_model_len must fit in the pool less its null block, "
+                    f"ceil({mml}/{bs}) + 1 = {-(-int(mml) // bs) + 1} blocks; lower "
+                    f"engine.max_model_len to <= {(nb - 1) * bs} or use more blocks")
     return loaded
 
 

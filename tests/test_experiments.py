@@ -78,6 +78,12 @@ def test_bad_inputs_exit_2_without_engine(tmp_path, workload, capsys, monkeypatc
     assert cli_main(["run", str(cfg3), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "error: capacity too small" in err and "num_blocks 3" in err
+    # the pool less vLLM's null block must hold one sequence of max_model_len (1024 / 32 + 1)
+    cfg3 = write_cfg(tmp_path, workload, num_blocks=[32])
+    assert cli_main(["run", str(cfg3), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "num_blocks 32 is below what vLLM needs for max_model_len 1024" in err
+    assert "max_model_len to <= 992" in err
     # more requests than the workload has
     cfg4 = write_cfg(tmp_path, workload, num_requests=[99])
     assert cli_main(["run", str(cfg4), "--out", str(tmp_path / "o")]) == 2
