@@ -10,6 +10,7 @@ import pytest
 from tests.fakes import request as _req
 from tests.fakes import tokens as _tokens
 from vllm_ext.sequence import MAX_BYPASS
+from vllm_ext.shared import MAX_GROUP_HOLD
 from vllm_ext.shared import SharedState
 
 B = 32
@@ -336,11 +337,26 @@ def test_group_hold_never_starves():
     e.pool.free = 30
     e.state.begin_step([], waiting)                # nothing running: nothing would free
     assert not e.state.should_hold(waiting[0], 0)
-    for _ in range(MAX_BYPASS):
+    for _ in range(MAX_GROUP_HOLD):                 # it alone (28 blocks) would fit
         e.state.begin_step([x], waiting)
         assert e.state.should_hold(waiting[0], 0)
     e.state.begin_step([x], waiting)
-    assert not e.state.should_hold(waiting[0], 0)  # held MAX_BYPASS steps: it goes
+    assert not e.state.should_hold(waiting[0], 0)  # held MAX_GROUP_HOLD such steps: it goes
+    assert e.state.stats()["shared_group_held"] == 1
+    # steps in which it would not fit on its own do not count; admissions past it do
+    e = Engine()
+    x, waiting = _group(e, doc)
+    e.pool.free = 10
+    for _ in range(2 * MAX_GROUP_HOLD):
+        e.state.begin_step([x], waiting)
+        e.state.admission_order(waiting, lambda r: False)
+        assert e.state.should_hold(waiting[0], 0)
+        e.state.note_admitted([])
+    assert e.state.group_steps[waiting[0].request_id] == 0
+    for _ in range(MAX_BYPASS):
+        e.state.note_admitted([waiting[1].request_id])  # a later arrival admitted past it
+    e.state.begin_step([x], waiting)
+    assert not e.state.should_hold(waiting[0], 0)
     gate = Engine(admission="gate")
     x, waiting = _group(gate, doc)
     gate.pool.free = 30
