@@ -7,7 +7,10 @@ is the time since the previous line, and the first line's is its ``time`` itself
 offline traces count from the warm-up's last step (an upper bound: it includes the gap
 before the batch arrived). Either way the first measured step, usually the largest
 prefill, is counted. A step is a *prefill step* when it computed at least one prompt
-token (it may also carry decodes), otherwise a *decode step*.
+token (it may also carry decodes), otherwise a *decode step*. Steps are counted too:
+prefill steps, decode steps that scheduled a token, and the mean requests running in
+those (``num_running``): on a CPU a decode step costs about the same whatever its rows, so
+how many requests share a step is what a smaller KV footprint buys.
 
 The split turns the compute-bound limit of sequence mode, 1/(1-f), into an Amdahl bound
 that leaves decode time alone: if reuse removed a fraction f of the baseline's prefill-step
@@ -30,7 +33,8 @@ from experiments.summary import CELL_KEYS
 
 CELL = list(CELL_KEYS["offline"])
 SPLIT_COLUMNS = (*CELL, "arm", "run_id", "elapsed_s", "prefill_step_s", "decode_step_s",
-                 "prefill_tokens", "decode_tokens", "reused_fraction")
+                 "prefill_tokens", "decode_tokens", "prefill_steps", "decode_steps",
+                 "running_per_decode_step", "reused_fraction")
 
 
 def step_seconds(df: pd.DataFrame) -> pd.Series:
@@ -42,15 +46,22 @@ def step_seconds(df: pd.DataFrame) -> pd.Series:
 
 
 def split_trace(df: pd.DataFrame) -> dict | None:
-    """Seconds and tokens of prefill steps and decode-only steps; None without counters."""
+    """Seconds, tokens and counts of prefill steps and decode-only steps, and the mean
+    requests running in a decode step (NaN without ``num_running``); None without the
+    token counters."""
     if "prefill_tokens" not in df or "scheduled_tokens" not in df or len(df) < 2:
         return None
     dt = step_seconds(df)
     dp = df["prefill_tokens"].diff().fillna(df["prefill_tokens"].iloc[0])
     ds = df["scheduled_tokens"].diff().fillna(df["scheduled_tokens"].iloc[0])
     pre = dp > 0
+    dec = ~pre & (ds > 0)
+    running = (float(df.loc[dec, "num_running"].mean())
+               if "num_running" in df and dec.any() else float("nan"))
     return {"prefill_step_s": float(dt[pre].sum()), "decode_step_s": float(dt[~pre].sum()),
-            "prefill_tokens": int(dp.sum()), "decode_tokens": int((ds - dp).sum())}
+            "prefill_tokens": int(dp.sum()), "decode_tokens": int((ds - dp).sum()),
+            "prefill_steps": int(pre.sum()), "decode_steps": int(dec.sum()),
+            "running_per_decode_step": running}
 
 
 def split_table(rs: ResultSet) -> pd.DataFrame:

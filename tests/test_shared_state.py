@@ -312,22 +312,26 @@ def test_group_hold_waits_until_a_first_occurrence_and_its_followers_fit():
     assert not e.state.should_hold(f1, 0)
 
 
-def test_group_hold_waits_for_half_the_pool_at_most():
-    """A group bigger than half the pool (here 3 followers of 28-29 blocks' prompts, about
-    40 blocks in all with the source's 28) goes once half the usable pool is free."""
+def test_group_hold_waits_for_a_group_that_fits_and_caps_one_that_does_not():
+    """A group that fits in the usable pool (here the source's 28 blocks and 3 followers:
+    50 with a decode block each) waits for all of it, even for more than half the pool;
+    one larger than the pool goes once GROUP_SHARE of it is free, never less than its own
+    28 blocks."""
     e = Engine()
     doc = _tokens(52, 800)
     x, waiting = _group(e, doc)
-    e.pool.usable = 60                             # half: 30
-    e.state.begin_step([x], waiting)
-    e.pool.free = 30 + e.state.promised() - 1
-    assert e.state.should_hold(waiting[0], 0)
-    e.pool.free += 1
-    e.state.begin_step([x], waiting)
-    assert not e.state.should_hold(waiting[0], 0)
-    e.pool.usable = 10_000                         # the whole group (about 40) must fit
-    e.state.begin_step([x], waiting)
-    assert e.state.should_hold(waiting[0], 0)
+
+    def held(free: int) -> bool:
+        e.state.begin_step([x], waiting)
+        e.pool.free = free + e.state.promised()
+        return e.state.should_hold(waiting[0], 0)
+
+    e.pool.usable = 60                             # half: 30; the group fits
+    assert held(49) and not held(50)
+    e.pool.usable = 40                             # the group never fits whole
+    assert held(27) and not held(28)               # its own blocks, above half (20)
+    e.pool.usable = 80                             # fits again: all of it
+    assert held(49) and not held(50)
 
 
 def test_group_hold_never_starves():

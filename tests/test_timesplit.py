@@ -19,10 +19,16 @@ def _trace(steps):
 
 
 def test_split_counts_steps_with_prompt_tokens_as_prefill():
-    sp = split_trace(_trace([(0.0, 0, 0), (3.0, 2000, 2000), (2.0, 500, 510),
-                             (0.5, 0, 10), (0.5, 0, 10)]))
+    trace = _trace([(0.0, 0, 0), (3.0, 2000, 2000), (2.0, 500, 510),
+                    (0.5, 0, 10), (0.5, 0, 10), (0.0, 0, 0)])
+    sp = split_trace(trace)
+    running = sp.pop("running_per_decode_step")
     assert sp == {"prefill_step_s": 5.0, "decode_step_s": 1.0,
-                  "prefill_tokens": 2500, "decode_tokens": 30}
+                  "prefill_tokens": 2500, "decode_tokens": 30,
+                  "prefill_steps": 2, "decode_steps": 2}   # steps that schedule nothing: neither
+    assert running != running                             # NaN: the trace has no num_running
+    trace["num_running"] = [0, 8, 9, 10, 6, 0]
+    assert split_trace(trace)["running_per_decode_step"] == 8.0
     assert split_trace(pd.DataFrame({"time": [0.0, 1.0]})) is None  # old trace: no counters
 
 

@@ -52,9 +52,11 @@ from dedup.planner import (ChunkSource, borrow_range, check_edges, edge_slots,
 from .sequence import MAX_BYPASS, ORDER_WINDOW, RequestPlan, SequenceState
 
 logger = logging.getLogger("kvdedup")
-#: The group hold waits for at most this share of the usable pool: a group larger than
-#: that (a RAG prompt's passages recur in most waiting prompts) is admitted once half the
-#: pool is free, instead of waiting for the running requests to drain it.
+#: A group larger than the usable pool (a RAG prompt's passages recur in most waiting
+#: prompts) can never run whole: its first occurrence waits for this share of the pool
+#: (at least its own blocks) instead of for the running requests to drain it. A group
+#: that fits waits for all of it: capping it too would, in a pool of two groups' size or
+#: less, let a first occurrence in beside another group and leave its followers no room.
 GROUP_SHARE = 0.5
 #: A first occurrence is group-held for at most this many steps in which it would fit on
 #: its own (steps in which it does not fit cost it nothing; admissions past it count
@@ -279,7 +281,7 @@ class SharedState(SequenceState):
         their sources. A request is not held when nothing runs (nothing would free
         blocks), nor once ``MAX_BYPASS`` later arrivals were admitted past it or it was
         held ``MAX_GROUP_HOLD`` steps in which it alone would fit, so it never starves; a
-        group is never held for more than ``GROUP_SHARE`` of the usable pool."""
+        group larger than the usable pool waits for ``GROUP_SHARE`` of it at most."""
         if super().should_hold(request, start):
             return True
         if self.admission != "group" or not self.running or not self.followers \
@@ -307,7 +309,9 @@ class SharedState(SequenceState):
         need = own
         for r, n in group:
             need += max(0, -(-len(r.prompt_token_ids) // B) - max(0, n - self.k) // B) + 1
-        need = min(need, int(self.pool.num_usable_blocks() * GROUP_SHARE))
+        usable = self.pool.num_usable_blocks()
+        if need > usable:                # never fits whole: wait for part of the pool
+            need = max(own, int(usable * GROUP_SHARE))
         free = self.pool.num_free_blocks() - self.promised()
         if need <= free:
             return False
