@@ -10,8 +10,7 @@ import pytest
 from tests.fakes import request as _req
 from tests.fakes import tokens as _tokens
 from vllm_ext.sequence import MAX_BYPASS
-from vllm_ext.shared import MAX_GROUP_HOLD
-from vllm_ext.shared import SharedState
+from vllm_ext.shared import MAX_GROUP_HOLD, SharedState
 
 B = 32
 
@@ -312,26 +311,35 @@ def test_group_hold_waits_until_a_first_occurrence_and_its_followers_fit():
     assert not e.state.should_hold(f1, 0)
 
 
-def test_group_hold_waits_for_a_group_that_fits_and_caps_one_that_does_not():
-    """A group that fits in the usable pool (here the source's 28 blocks and 3 followers:
-    50 with a decode block each) waits for all of it, even for more than half the pool;
-    one larger than the pool goes once GROUP_SHARE of it is free, never less than its own
-    28 blocks."""
+def test_group_hold_waits_for_a_document_and_its_readers_and_caps_other_groups():
+    """A group that fits in the usable pool and whose followers borrow at least the first
+    occurrence's own blocks (here the source's 28 blocks, 3 readers borrowing 24 each: 50
+    blocks with a decode block each) waits for all of it, even for more than half the
+    pool. One larger than the pool, or whose followers borrow less (a short passage in
+    otherwise different prompts), goes once GROUP_SHARE of the pool is free."""
     e = Engine()
     doc = _tokens(52, 800)
     x, waiting = _group(e, doc)
 
-    def held(free: int) -> bool:
-        e.state.begin_step([x], waiting)
+    def held(free: int, first=waiting[0], queue=waiting) -> bool:
+        e.state.begin_step([x], queue)
         e.pool.free = free + e.state.promised()
-        return e.state.should_hold(waiting[0], 0)
+        return e.state.should_hold(first, 0)
 
     e.pool.usable = 60                             # half: 30; the group fits
     assert held(49) and not held(50)
-    e.pool.usable = 40                             # the group never fits whole
-    assert held(27) and not held(28)               # its own blocks, above half (20)
+    e.pool.usable = 40                             # the group never fits whole: half
+    assert held(19) and not held(20)
     e.pool.usable = 80                             # fits again: all of it
     assert held(49) and not held(50)
+    passage = _tokens(53, 160)                     # a few of its blocks recur in 3 prompts
+    first = _req("p0", _tokens(54, 800) + passage + [1])
+    queue = [first] + [_req(f"p{i}", _tokens(54 + i, 700) + passage + [i])
+                       for i in range(1, 4)]
+    e.pool.usable = 10_000                         # at a pool this size: all 110 blocks
+    assert held(109, first, queue) and not held(110, first, queue)
+    e.pool.usable = 150                            # it fits, but is capped at half
+    assert held(74, first, queue) and not held(75, first, queue)
 
 
 def test_group_hold_never_starves():

@@ -52,11 +52,13 @@ from dedup.planner import (ChunkSource, borrow_range, check_edges, edge_slots,
 from .sequence import MAX_BYPASS, ORDER_WINDOW, RequestPlan, SequenceState
 
 logger = logging.getLogger("kvdedup")
-#: A group larger than the usable pool (a RAG prompt's passages recur in most waiting
-#: prompts) can never run whole: its first occurrence waits for this share of the pool
-#: (at least its own blocks) instead of for the running requests to drain it. A group
-#: that fits waits for all of it: capping it too would, in a pool of two groups' size or
-#: less, let a first occurrence in beside another group and leave its followers no room.
+#: The group hold waits for all of a group's blocks only when the group fits in the
+#: usable pool and its followers would borrow at least as many blocks as its first
+#: occurrence holds (a document and its readers). Capping such a group would, in a pool
+#: of two groups' size or less, let a first occurrence in beside another group and leave
+#: its followers no room. Any other group (a RAG prompt's passages recur in most waiting
+#: prompts, each follower borrowing a few blocks) waits for at most this share of the
+#: usable pool, instead of for the running requests to drain it.
 GROUP_SHARE = 0.5
 #: A first occurrence is group-held for at most this many steps in which it would fit on
 #: its own (steps in which it does not fit cost it nothing; admissions past it count
@@ -281,7 +283,8 @@ class SharedState(SequenceState):
         their sources. A request is not held when nothing runs (nothing would free
         blocks), nor once ``MAX_BYPASS`` later arrivals were admitted past it or it was
         held ``MAX_GROUP_HOLD`` steps in which it alone would fit, so it never starves; a
-        group larger than the usable pool waits for ``GROUP_SHARE`` of it at most."""
+        group waits for ``GROUP_SHARE`` of the usable pool at most unless it fits in the
+        pool and its followers borrow at least the first occurrence's own blocks."""
         if super().should_hold(request, start):
             return True
         if self.admission != "group" or not self.running or not self.followers \
@@ -306,12 +309,13 @@ class SharedState(SequenceState):
         indexed = sum(c.end - c.start for c in self.chunks(request) if c.digest in self.index)
         own = max(0, -(-len(request.prompt_token_ids) // B) - start // B
                   - max(0, indexed - self.k) // B) + 1
-        need = own
+        need, borrowed = own, 0
         for r, n in group:
             need += max(0, -(-len(r.prompt_token_ids) // B) - max(0, n - self.k) // B) + 1
+            borrowed += max(0, n - self.k) // B
         usable = self.pool.num_usable_blocks()
-        if need > usable:                # never fits whole: wait for part of the pool
-            need = max(own, int(usable * GROUP_SHARE))
+        if need > usable or borrowed < own:   # not a whole document's readers: capped
+            need = min(need, int(usable * GROUP_SHARE))
         free = self.pool.num_free_blocks() - self.promised()
         if need <= free:
             return False
