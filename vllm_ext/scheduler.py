@@ -170,8 +170,6 @@ class DedupScheduler(Scheduler):
             self._reorder_waiting(seq)
             seq.begin_step(self.running, islice(self.waiting, ORDER_WINDOW))
         out = super().schedule(*args, **kwargs)
-        if seq is not None:
-            seq.note_admitted([d.req_id for d in out.scheduled_new_reqs])
         self._starts[id(out)] = start
         self._step += 1
         self._peak = self._occupancy()

@@ -41,8 +41,7 @@ scheduler applies its decisions, e.g. a jump's new computed-token count).
   among the rest). Without it, under memory pressure the first occurrences of many
   documents fill the pool and their runs are evicted before their followers are reached.
   Requests vLLM must resume (preempted, or already partly computed) keep the front, and a
-  request that ``MAX_BYPASS`` later arrivals were admitted past goes to the front, so
-  nothing starves (``note_admitted`` counts them after each step).
+  request pushed back ``MAX_BYPASS`` times goes to the front, so nothing starves.
   ``order="fcfs"`` keeps vLLM's order.
 * preemption drops the request's plan; when it is admitted again it is planned afresh
   against the store (its own chunks, captured before, are reusable then).
@@ -66,10 +65,7 @@ from dedup.planner import ChunkSource, Injection, plan_injections
 from .tenant import tenant_key
 
 ORDER_WINDOW = 64   # waiting requests considered for reordering each step
-#: A waiting request goes first once this many later arrivals were admitted past it.
-#: Admissions, not steps: a small pool keeps every request waiting for hundreds of steps
-#: while the running ones decode, and that wait should not undo the reuse order.
-MAX_BYPASS = 64
+MAX_BYPASS = 128    # steps a request may be pushed back before it goes first
 
 
 @dataclass
@@ -104,8 +100,7 @@ class SequenceState:
         if order not in ("reuse", "fcfs"):
             raise ValueError(f"order must be reuse or fcfs, got {order!r}")
         self.order = order
-        self.bypassed: dict[str, int] = {}  # waiting request -> later arrivals admitted past it
-        self.queue_pos: dict[str, int] = {}  # this step's waiting window: request -> place
+        self.bypassed: dict[str, int] = {}  # waiting request -> steps it was pushed back
         self.inject_prompt_logprobs = inject_prompt_logprobs
         self.block_size = block_size
         self.bytes_per_token = bytes_per_token
@@ -183,12 +178,10 @@ class SequenceState:
 
     def admission_order(self, waiting: list, resume: Callable[[object], bool]) -> list | None:
         """The waiting queue in reuse order (module docstring), or None if unchanged.
-        ``resume(request)``: vLLM must resume it (it keeps the front). Notes each
-        request's place in vLLM's order, for ``note_admitted``."""
-        head, rest = waiting[:ORDER_WINDOW], waiting[ORDER_WINDOW:]
-        self.queue_pos = {r.request_id: i for i, r in enumerate(head)}
+        ``resume(request)``: vLLM must resume it (it keeps the front)."""
         if self.order != "reuse" or len(waiting) < 2:
             return None
+        head, rest = waiting[:ORDER_WINDOW], waiting[ORDER_WINDOW:]
         need = self.k + self.min_inject
 
         def tier(r) -> int:
@@ -200,21 +193,11 @@ class SequenceState:
         order = sorted(range(len(head)), key=lambda i: tiers[i])  # stable
         if order == list(range(len(head))):
             return None
+        for new, old in enumerate(order):
+            if new > old:
+                rid = head[old].request_id
+                self.bypassed[rid] = self.bypassed.get(rid, 0) + 1
         return [head[i] for i in order] + rest
-
-    def note_admitted(self, admitted: list[str]) -> None:
-        """After vLLM scheduled a step that first admitted ``admitted`` (request ids):
-        each request of the step's waiting window that was not admitted counts those
-        that stood behind it in vLLM's order (or outside the window) in ``bypassed``."""
-        if not admitted or not self.queue_pos:
-            return
-        past = len(self.queue_pos)
-        places = [self.queue_pos.get(rid, past) for rid in admitted]
-        taken = set(admitted)
-        for rid, i in self.queue_pos.items():
-            n = sum(p > i for p in places)
-            if n and rid not in taken:
-                self.bypassed[rid] = self.bypassed.get(rid, 0) + n
 
     def begin_step(self, running, waiting=()) -> None:
         """Before vLLM schedules a step: claim the chunks running requests will still

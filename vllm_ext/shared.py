@@ -52,18 +52,10 @@ from dedup.planner import (ChunkSource, borrow_range, check_edges, edge_slots,
 from .sequence import MAX_BYPASS, ORDER_WINDOW, RequestPlan, SequenceState
 
 logger = logging.getLogger("kvdedup")
-#: The group hold waits for all of a group's blocks only when the group fits in the
-#: usable pool and its followers would borrow at least as many blocks as its first
-#: occurrence holds (a document and its readers). Capping such a group would, in a pool
-#: of two groups' size or less, let a first occurrence in beside another group and leave
-#: its followers no room. Any other group (a RAG prompt's passages recur in most waiting
-#: prompts, each follower borrowing a few blocks) waits for at most this share of the
-#: usable pool, instead of for the running requests to drain it.
+#: The group hold waits for at most this share of the usable pool: a group larger than
+#: that (a RAG prompt's passages recur in most waiting prompts) is admitted once half the
+#: pool is free, instead of waiting for the running requests to drain it.
 GROUP_SHARE = 0.5
-#: A first occurrence is group-held for at most this many steps in which it would fit on
-#: its own (steps in which it does not fit cost it nothing; admissions past it count
-#: against ``MAX_BYPASS``).
-MAX_GROUP_HOLD = 128
 DEBUG = os.environ.get("KVDEDUP_DEBUG") == "1"
 
 
@@ -144,8 +136,7 @@ class SharedState(SequenceState):
         self.running: list = []                       # vLLM's live running list (this step)
         self.followers: dict[bytes, list] = {}        # chunk -> waiting (request, tokens)
         self.group_held = 0                           # requests group-held (cumulative)
-        self.group_seen: set[str] = set()             # live requests group-held once
-        self.group_steps: Counter = Counter()         # live request -> steps held, fitting
+        self.group_steps: Counter = Counter()         # live request -> steps group-held
 
     # -- admission ----------------------------------------------------------------------
     def chunks(self, request) -> list[Chunk]:
@@ -281,16 +272,13 @@ class SharedState(SequenceState):
         decode block each. Otherwise a small pool fills with first occurrences whose
         followers cannot be admitted until one finishes, by when the pool has handed out
         their sources. A request is not held when nothing runs (nothing would free
-        blocks), nor once ``MAX_BYPASS`` later arrivals were admitted past it or it was
-        held ``MAX_GROUP_HOLD`` steps in which it alone would fit, so it never starves; a
-        group waits for ``GROUP_SHARE`` of the usable pool at most unless it fits in the
-        pool and its followers borrow at least the first occurrence's own blocks."""
+        blocks), nor after ``MAX_BYPASS`` steps held, so it never starves; a group is never
+        held for more than ``GROUP_SHARE`` of the usable pool."""
         if super().should_hold(request, start):
             return True
         if self.admission != "group" or not self.running or not self.followers \
                 or request.request_id in self.plans or request.num_computed_tokens != 0 \
-                or self.group_steps[request.request_id] >= MAX_GROUP_HOLD \
-                or self.bypassed.get(request.request_id, 0) >= MAX_BYPASS:
+                or self.group_steps[request.request_id] >= MAX_BYPASS:
             return False
         B = self.block_size
         new = [c for c in self.chunks(request) if c.start >= start
@@ -307,23 +295,16 @@ class SharedState(SequenceState):
         if not group:
             return False
         indexed = sum(c.end - c.start for c in self.chunks(request) if c.digest in self.index)
-        own = max(0, -(-len(request.prompt_token_ids) // B) - start // B
-                  - max(0, indexed - self.k) // B) + 1
-        need, borrowed = own, 0
+        need = max(0, -(-len(request.prompt_token_ids) // B) - start // B
+                   - max(0, indexed - self.k) // B) + 1
         for r, n in group:
             need += max(0, -(-len(r.prompt_token_ids) // B) - max(0, n - self.k) // B) + 1
-            borrowed += max(0, n - self.k) // B
-        usable = self.pool.num_usable_blocks()
-        if need > usable or borrowed < own:   # not a whole document's readers: capped
-            need = min(need, int(usable * GROUP_SHARE))
-        free = self.pool.num_free_blocks() - self.promised()
-        if need <= free:
+        need = min(need, int(self.pool.num_usable_blocks() * GROUP_SHARE))
+        if need <= self.pool.num_free_blocks() - self.promised():
             return False
-        if request.request_id not in self.group_seen:
-            self.group_seen.add(request.request_id)
+        if not self.group_steps[request.request_id]:
             self.group_held += 1
-        if own <= free:                 # the hold, not the pool, keeps it waiting
-            self.group_steps[request.request_id] += 1
+        self.group_steps[request.request_id] += 1
         return True
 
     def _take_run(self, request, p: RequestPlan) -> int | None:
@@ -396,7 +377,6 @@ class SharedState(SequenceState):
     def finish(self, request_id: str) -> None:
         super().finish(request_id)
         self.group_steps.pop(request_id, None)
-        self.group_seen.discard(request_id)
 
     def stats(self) -> dict:
         st = super().stats()
