@@ -100,17 +100,18 @@ def check_inputs(cfg: Config) -> dict[str, Any]:
                               f"output = {plen + olen} tokens > max_model_len {mml}; regenerate it "
                               f"with --max-model-len/--max-prompt-tokens or raise max_model_len")
         need = blocks_needed(plen, olen, bs)
+        seq_blocks = blocks_needed(int(mml), 0, bs) if mml else 0  # one max_model_len sequence
         for nb in cfg.num_blocks:
             if need > nb:
                 raise ConfigError(
                     f"capacity too small: num_blocks {nb} cannot hold even one request of "
                     f"{w.use_case!r} (request {worst + 1}: ceil(({plen} prompt + {olen} output)"
                     f"/{bs}) = {need} blocks of {bs} tokens); use num_blocks >= {need}")
-            if mml and -(-int(mml) // bs) > nb - 1:  # vLLM keeps one block back (null block)
+            if seq_blocks + 1 > nb:  # vLLM keeps one block back (its null block)
                 raise ConfigError(
                     f"num_blocks {nb} is below what vLLM needs for max_model_len {mml}: one "
                     f"sequence of max_model_len must fit in the pool less its null block, "
-                    f"ceil({mml}/{bs}) + 1 = {-(-int(mml) // bs) + 1} blocks; lower "
+                    f"ceil({mml}/{bs}) + 1 = {seq_blocks + 1} blocks; lower "
                     f"engine.max_model_len to <= {(nb - 1) * bs} or use more blocks")
     return loaded
 
