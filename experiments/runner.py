@@ -76,6 +76,7 @@ def check_inputs(cfg: Config) -> dict[str, Any]:
 
     bs = cfg.block_size
     mml = cfg.engine.get("max_model_len")
+    seq_blocks = blocks_needed(int(mml), 0, bs) if mml else 0  # one max_model_len sequence
     loaded = {}
     for w in cfg.workloads:
         try:
@@ -100,7 +101,6 @@ def check_inputs(cfg: Config) -> dict[str, Any]:
                               f"output = {plen + olen} tokens > max_model_len {mml}; regenerate it "
                               f"with --max-model-len/--max-prompt-tokens or raise max_model_len")
         need = blocks_needed(plen, olen, bs)
-        seq_blocks = blocks_needed(int(mml), 0, bs) if mml else 0  # one max_model_len sequence
         for nb in cfg.num_blocks:
             if need > nb:
                 raise ConfigError(
