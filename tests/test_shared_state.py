@@ -311,22 +311,59 @@ def test_group_hold_waits_until_a_first_occurrence_and_its_followers_fit():
     assert not e.state.should_hold(f1, 0)
 
 
-def test_group_hold_waits_for_half_the_pool_at_most():
-    """A group bigger than half the pool (here 3 followers of 28-29 blocks' prompts, about
-    40 blocks in all with the source's 28) goes once half the usable pool is free."""
+def test_group_hold_caps_a_group_that_is_not_a_documents_readers():
+    """Followers that each contain a 200-token piece of the first occurrence's 800-token
+    run borrow fewer blocks than it holds (a RAG prompt's passages): the group goes once
+    half the usable pool is free."""
+    e = Engine()
+    doc = _tokens(52, 800)
+    x = _req("x", _tokens(40, 100))
+    e.run(x)
+    waiting = [_req("f0", _tokens(41, 60) + doc + [0])] + [
+        _req(f"r{i}", _tokens(70 + i, 40) + doc[200 * i:200 * i + 200] + [i]) for i in (1, 2)]
+    e.pool.usable = 40                             # half: 20
+    e.state.begin_step([x], waiting)
+    e.pool.free = 20 + e.state.promised() - 1
+    assert e.state.should_hold(waiting[0], 0)
+    e.pool.free += 1
+    e.state.begin_step([x], waiting)
+    assert not e.state.should_hold(waiting[0], 0)
+
+
+def test_group_hold_waits_for_a_whole_document_group_larger_than_half_the_pool():
+    """A document and its readers (the source's 28 blocks and its two followers' own: 50
+    in all) larger than half the pool waits for all of it; its held steps count only
+    while the first occurrence alone (28 blocks) would fit."""
     e = Engine()
     doc = _tokens(52, 800)
     x, waiting = _group(e, doc)
     e.pool.usable = 60                             # half: 30
     e.state.begin_step([x], waiting)
-    e.pool.free = 30 + e.state.promised() - 1
+    promised = e.state.promised()
+    e.pool.free = 30 + promised                    # half the pool: not enough
     assert e.state.should_hold(waiting[0], 0)
-    e.pool.free += 1
+    e.pool.free = 49 + promised
+    e.state.begin_step([x], waiting)
+    assert e.state.should_hold(waiting[0], 0)
+    e.pool.free = 50 + promised
     e.state.begin_step([x], waiting)
     assert not e.state.should_hold(waiting[0], 0)
-    e.pool.usable = 10_000                         # the whole group (about 40) must fit
+    e.pool.free = 20 + promised                    # it alone does not fit: not counted
+    for _ in range(MAX_BYPASS + 5):
+        e.state.begin_step([x], waiting)
+        assert e.state.should_hold(waiting[0], 0)
+    assert e.state.group_steps["f0"] == 2          # the two holds above, where it fit
+    e.pool.free = 30 + promised                    # it alone fits: counted
+    for _ in range(MAX_BYPASS - 2):
+        e.state.begin_step([x], waiting)
+        assert e.state.should_hold(waiting[0], 0)
     e.state.begin_step([x], waiting)
-    assert e.state.should_hold(waiting[0], 0)
+    assert not e.state.should_hold(waiting[0], 0)  # counted MAX_BYPASS steps: it goes
+    e.pool.usable = 49                             # the group no longer fits the pool:
+    e.state.finish("f0")                           # capped at half (24)
+    e.state.begin_step([x], waiting)
+    e.pool.free = 24 + promised
+    assert not e.state.should_hold(waiting[0], 0)
 
 
 def test_group_hold_never_starves():

@@ -52,9 +52,10 @@ from dedup.planner import (ChunkSource, borrow_range, check_edges, edge_slots,
 from .sequence import MAX_BYPASS, ORDER_WINDOW, RequestPlan, SequenceState
 
 logger = logging.getLogger("kvdedup")
-#: The group hold waits for at most this share of the usable pool: a group larger than
-#: that (a RAG prompt's passages recur in most waiting prompts) is admitted once half the
-#: pool is free, instead of waiting for the running requests to drain it.
+#: The group hold waits for at most this share of the usable pool, except for a document
+#: and its readers (``SharedState.should_hold``). A larger group (a RAG prompt's passages
+#: recur in most waiting prompts) is admitted once half the pool is free, instead of
+#: waiting for the running requests to drain it.
 GROUP_SHARE = 0.5
 DEBUG = os.environ.get("KVDEDUP_DEBUG") == "1"
 
@@ -136,7 +137,8 @@ class SharedState(SequenceState):
         self.running: list = []                       # vLLM's live running list (this step)
         self.followers: dict[bytes, list] = {}        # chunk -> waiting (request, tokens)
         self.group_held = 0                           # requests group-held (cumulative)
-        self.group_steps: Counter = Counter()         # live request -> steps group-held
+        self.group_seen: set[str] = set()             # live requests group-held once
+        self.group_steps: Counter = Counter()         # live request -> steps held (counted)
 
     # -- admission ----------------------------------------------------------------------
     def chunks(self, request) -> list[Chunk]:
@@ -272,8 +274,15 @@ class SharedState(SequenceState):
         decode block each. Otherwise a small pool fills with first occurrences whose
         followers cannot be admitted until one finishes, by when the pool has handed out
         their sources. A request is not held when nothing runs (nothing would free
-        blocks), nor after ``MAX_BYPASS`` steps held, so it never starves; a group is never
-        held for more than ``GROUP_SHARE`` of the usable pool."""
+        blocks), nor after ``MAX_BYPASS`` counted steps held, so it never starves.
+
+        A group waits for at most ``GROUP_SHARE`` of the usable pool, except a *document
+        group*: one larger than that share that still fits in the pool, whose followers
+        borrow at least as many blocks as the first occurrence holds (a document and its
+        readers). At most one such group runs at a time, and a first occurrence admitted
+        beside another group would strand its readers, so it waits for the whole group,
+        and its held steps count only while it alone would fit (while the pool, not the
+        hold, keeps it out, it loses nothing)."""
         if super().should_hold(request, start):
             return True
         if self.admission != "group" or not self.running or not self.followers \
@@ -295,16 +304,25 @@ class SharedState(SequenceState):
         if not group:
             return False
         indexed = sum(c.end - c.start for c in self.chunks(request) if c.digest in self.index)
-        need = max(0, -(-len(request.prompt_token_ids) // B) - start // B
-                   - max(0, indexed - self.k) // B) + 1
+        own = max(0, -(-len(request.prompt_token_ids) // B) - start // B
+                  - max(0, indexed - self.k) // B) + 1
+        need, borrowed = own, 0
         for r, n in group:
             need += max(0, -(-len(r.prompt_token_ids) // B) - max(0, n - self.k) // B) + 1
-        need = min(need, int(self.pool.num_usable_blocks() * GROUP_SHARE))
-        if need <= self.pool.num_free_blocks() - self.promised():
+            borrowed += max(0, n - self.k) // B
+        usable = self.pool.num_usable_blocks()
+        cap = int(usable * GROUP_SHARE)
+        document = cap < need <= usable and borrowed >= own
+        if not document:
+            need = min(need, cap)
+        free = self.pool.num_free_blocks() - self.promised()
+        if need <= free:
             return False
-        if not self.group_steps[request.request_id]:
+        if request.request_id not in self.group_seen:
+            self.group_seen.add(request.request_id)
             self.group_held += 1
-        self.group_steps[request.request_id] += 1
+        if not document or own <= free:   # the hold, not the pool, keeps it waiting
+            self.group_steps[request.request_id] += 1
         return True
 
     def _take_run(self, request, p: RequestPlan) -> int | None:
@@ -377,6 +395,7 @@ class SharedState(SequenceState):
     def finish(self, request_id: str) -> None:
         super().finish(request_id)
         self.group_steps.pop(request_id, None)
+        self.group_seen.discard(request_id)
 
     def stats(self) -> dict:
         st = super().stats()
