@@ -25,6 +25,7 @@ setup(
         "pyarrow>=15",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        "scipy>=1.11",  # analysis.schedule_lp's LP (HiGHS)
         # Pinned: the tiny test model's bytes depend on them (vllm_ext/models.py).
         "tokenizers==0.23.3",
         "transformers==5.19.0",

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV pool size(s) in blocks: also print each rule's lower bound on engine steps "
         "at that pool (every step full, all readers of a shared block side by side)",
     )
+    audit.add_argument(
+        "--lp", action="store_true",
+        help="with --num-blocks: also bound the steps of any admission order by which "
+        "requests fit side by side (analysis.schedule_lp; prefix and shared rules)")
     audit.add_argument("--run-min-len", type=_positive_int, default=None, metavar="T",
                        help="chunk_runs min_len (default: chunk_runs' own default)")
     audit.add_argument("--run-avg-len", type=_positive_int, default=None, metavar="T",
@@ -107,11 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from analysis.audit import audit_workload, format_audit_table
 
+    if args.lp and not args.num_blocks:
+        raise AnalysisError("--lp bounds steps at a pool size: give --num-blocks N")
     chunk_kwargs = {
         "min_len": args.run_min_len, "avg_len": args.run_avg_len, "max_len": args.run_max_len,
     }
     result = audit_workload(args.workload, args.block_size, args.concurrency, chunk_kwargs,
-                            k=args.k, num_blocks=args.num_blocks, edges=args.edges)
+                            k=args.k, num_blocks=args.num_blocks, edges=args.edges,
+                            lp=args.lp)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=False, default=str))
     else:

@@ -50,6 +50,7 @@ import xxhash
 from analysis import AnalysisError
 from analysis.borrow import shared_footprints
 from analysis.packing import rule_bounds
+from analysis.schedule_lp import lp_min_steps
 from analysis.simulate import RequestFootprint, simulate_kv_blocks, SIMULATION_MODEL
 from dedup.planner import check_edges
 from experiments.workloads.format import Request, WorkloadError, load_workload
@@ -270,9 +271,11 @@ def _audit_block_size(
     run_spans: list[list[tuple[int, int, bytes]]],
     shared_kwargs: dict,
     num_blocks: Sequence[int] = (),
+    lp: bool = False,
 ) -> dict:
     """All per-block-size numbers: prefix, block and shared rules + simulation (+ the
-    packing bound at each of ``num_blocks``)."""
+    packing bound at each of ``num_blocks``, and with ``lp`` the co-residency LP's for the
+    prefix and shared rules)."""
     b = block_size
     total_tokens = sum(len(t) for t in prompts)
     total_full_blocks = sum(len(t) // b for t in prompts)
@@ -332,8 +335,17 @@ def _audit_block_size(
         "shared": dict(borrowed, borrowed_fraction=_frac(borrowed["borrowed_tokens"],
                                                            total_tokens)),
         "simulation": sim,
-        "packing": {str(n): rule_bounds(footprints, b, n) for n in num_blocks},
+        "packing": {str(n): _bounds(footprints, b, n, lp) for n in num_blocks},
     }
+
+
+def _bounds(footprints: dict, block_size: int, num_blocks: int, lp: bool) -> dict:
+    out = rule_bounds(footprints, block_size, num_blocks)
+    if lp:
+        for rule in ("prefix", "shared"):
+            r = lp_min_steps(footprints[rule], block_size, num_blocks)
+            out[rule].update(lp_steps=r["lp_steps"], lp_exact=r["exact"])
+    return out
 
 
 def _audit_runs(run_spans: list[list[tuple[int, int, bytes]]], total_tokens: int) -> dict:
@@ -367,11 +379,13 @@ def audit_requests(
     min_inject: int = 32,
     num_blocks: Sequence[int] = (),
     edges: str = "slot",
+    lp: bool = False,
 ) -> dict:
     """Audit already-loaded requests; see :func:`audit_workload` for the keys. ``k``,
     ``min_inject`` and ``edges`` are shared mode's settings for the ``shared`` rule; for
     each pool size in ``num_blocks`` the result has each rule's lower bound on engine
-    steps (``analysis.packing``)."""
+    steps (``analysis.packing``; with ``lp`` also ``lp_steps``, the co-residency LP's
+    bound for the prefix and shared rules, ``analysis.schedule_lp``)."""
     if not requests:
         raise AnalysisError("no requests to audit")
     if not block_sizes:
@@ -402,7 +416,7 @@ def audit_requests(
     shared_kwargs = {"k": k, "min_inject": min_inject, "chunk_kwargs": ckw, "edges": edges}
     per_bs = {
         str(b): _audit_block_size(prompts, outputs, b, concurrency, run_spans, shared_kwargs,
-                                  num_blocks)
+                                  num_blocks, lp)
         for b in sizes
     }
     first = per_bs[str(sizes[0])]
@@ -431,6 +445,7 @@ def audit_workload(
     min_inject: int = 32,
     num_blocks: Sequence[int] = (),
     edges: str = "slot",
+    lp: bool = False,
 ) -> dict:
     """Audit a workload file.
 
@@ -446,7 +461,7 @@ def audit_workload(
     reqs = read_workload(path)
     result = {"workload": str(path)}
     result.update(audit_requests(reqs, block_sizes, concurrency, chunk_kwargs, k, min_inject,
-                                 num_blocks, edges))
+                                 num_blocks, edges, lp))
     meta_path = find_workload_meta(path)
     result["meta_file"] = None if meta_path is None else str(meta_path)
     result["meta"] = _read_meta(Path(path))
@@ -519,5 +534,15 @@ def format_audit_table(result: dict) -> str:
             ratio = b["prefix"]["min_steps"] / max(1, b["shared"]["min_steps"])
             lines.append(f"{bs:>6} {n:>6} | " + " ".join(f"{x['min_steps']:>8}" for x in b.values())
                          + f" | {ratio:>12.2f}")
+    lps = [(bs, n, b) for bs, n, b in bounds if "lp_steps" in b["shared"]]
+    if lps:
+        lines += ["", "Fewest engine steps of any admission order, from which requests fit "
+                  "side by side (analysis.schedule_lp; * = search budget hit, no bound):",
+                  f"{'block':>6} {'N':>6} | {'prefix':>8} {'shared':>8} | prefix/shared",
+                  "-" * 76]
+        for bs, n, b in lps:
+            p, q = b["prefix"]["lp_steps"], b["shared"]["lp_steps"]
+            ratio = f"{p / q:>12.2f}" if p and q else f"{'-':>12}"
+            lines.append(f"{bs:>6} {n:>6} | {p if p else '*':>8} {q if q else '*':>8} | {ratio}")
     return "\n".join(lines)
 

@@ -1,0 +1,155 @@
+"""The fewest engine steps any admission order needs: the co-residency LP.
+
+``analysis.packing`` bounds steps by area (block-steps over the pool). That bound lets
+every step fill the pool with any mix of requests; but a request that decodes holds all
+of its KV at once, so only some *sets* of requests can run side by side. This module
+bounds steps by which sets fit.
+
+Model (``analysis.packing``'s): request ``r`` runs ``s_r = max(output_len, 1)`` steps
+(its prefill step, then one per further output token) and, while it runs, holds at
+least its private blocks (``ceil(prompt_len / B) - covered``, the fewest it ever holds)
+and every shared key of its footprint (a key is one block, counted once however many
+running requests hold it). A set ``S`` of requests *fits* when its private blocks plus
+its distinct keys' blocks are at most the usable pool (``num_blocks - 1``: vLLM keeps one
+block as its null block). Every engine step runs a set that fits, and each request needs
+``s_r`` steps, so with ``x_S`` the steps that run exactly ``S``::
+
+    steps >= min sum_S x_S   subject to   sum_{S containing r} x_S >= s_r,  x >= 0
+
+over all sets that fit. Its optimum is a lower bound on the steps of *every* schedule
+under the footprints' sharing plan (which request borrows what; for the ``shared`` rule,
+shared mode's plan, ``analysis.borrow``): any order, any preemption, any admission rule.
+Running requests only grow, preempted ones redo steps, and cached blocks no request holds
+still take room, so each of those only adds steps.
+
+The LP has a column per set that fits, so it is solved by column generation: a master LP
+over the sets found so far (scipy's HiGHS) gives a price ``y_r`` per request, and a
+branch-and-bound search finds the set that fits with the largest total price ``w``. By
+weak duality ``sum_r y_r s_r / w`` is a lower bound at every round (Farley's bound); when
+``w <= 1`` it equals the master's optimum and the LP is solved. If the search exceeds its
+node budget the result says so and no bound is claimed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from analysis import AnalysisError
+from analysis.simulate import RequestFootprint
+
+#: Branch-and-bound nodes one pricing search may visit before the bound is given up.
+MAX_NODES = 2_000_000
+_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class _Item:
+    steps: int
+    private: int
+    keys: frozenset          # key ids, one block each
+
+
+def _items(footprints: Sequence[RequestFootprint], block_size: int) -> list[_Item]:
+    B = block_size
+    ids: dict = {}
+    out = []
+    for fp in footprints:
+        covered = len(fp.shared) if fp.covered is None else fp.covered
+        keys = set()
+        for key, tokens in fp.shared:
+            for j in range(-(-tokens // B)):
+                keys.add(ids.setdefault((key, j), len(ids)))
+        out.append(_Item(max(fp.output_len, 1), max(0, -(-fp.prompt_len // B) - covered),
+                         frozenset(keys)))
+    return out
+
+
+def _best_set(items: list[_Item], y: np.ndarray, usable: int,
+              max_nodes: int) -> tuple[float, tuple[int, ...]] | None:
+    """The set that fits with the largest ``sum(y)``, or None past ``max_nodes``."""
+    cand = [i for i in np.argsort(-y, kind="stable") if y[i] > _TOL]
+    suffix = np.concatenate([np.cumsum(y[cand][::-1])[::-1], [0.0]])
+    best = [0.0, ()]
+    nodes = 0
+
+    def dfs(pos: int, chosen: list[int], keys: frozenset, private: int, w: float) -> bool:
+        nonlocal nodes
+        nodes += 1
+        if nodes > max_nodes:
+            return False
+        if w > best[0] + _TOL:
+            best[0], best[1] = w, tuple(chosen)
+        for j in range(pos, len(cand)):
+            if w + suffix[j] <= best[0] + _TOL:
+                return True
+            it = items[cand[j]]
+            p = private + it.private
+            if p > usable:
+                continue
+            u = keys | it.keys
+            if p + len(u) > usable:
+                continue
+            chosen.append(cand[j])
+            ok = dfs(j + 1, chosen, u, p, w + y[cand[j]])
+            chosen.pop()
+            if not ok:
+                return False
+        return True
+
+    if not dfs(0, [], frozenset(), 0, 0.0):
+        return None
+    return best[0], best[1]
+
+
+def lp_min_steps(footprints: Sequence[RequestFootprint], block_size: int, num_blocks: int,
+                 max_nodes: int = MAX_NODES, max_rounds: int = 500) -> dict:
+    """The co-residency LP's lower bound on engine steps at a pool of ``num_blocks``.
+
+    Returns ``lp_steps`` (the bound, rounded up; None when the search gave up),
+    ``exact`` (the LP was solved to optimality), ``rounds`` (master LPs solved) and
+    ``largest_set`` (most requests in one set that fits, among the sets used)."""
+    from scipy.optimize import linprog
+
+    if num_blocks < 2:
+        raise AnalysisError(f"num_blocks must be at least 2 (one is vLLM's null block), "
+                            f"got {num_blocks}")
+    usable = num_blocks - 1
+    items = _items(footprints, block_size)
+    if not items:
+        raise AnalysisError("no requests to bound")
+    for i, it in enumerate(items):
+        if it.private + len(it.keys) > usable:
+            raise AnalysisError(f"request {i} needs {it.private + len(it.keys)} blocks on its "
+                                f"own, more than the {usable} usable blocks of a "
+                                f"{num_blocks}-block pool")
+    n = len(items)
+    s = np.array([it.steps for it in items], dtype=float)
+    cols: list[tuple[int, ...]] = [(i,) for i in range(n)]
+    seen = set(cols)
+    bound = 0.0
+    for rounds in range(1, max_rounds + 1):
+        A = np.zeros((n, len(cols)))
+        for j, c in enumerate(cols):
+            A[list(c), j] = 1.0
+        res = linprog(np.ones(len(cols)), A_ub=-A, b_ub=-s, bounds=(0, None), method="highs")
+        if res.status != 0:
+            raise AnalysisError(f"the master LP failed: {res.message}")
+        y = np.maximum(0.0, -np.asarray(res.ineqlin.marginals))
+        found = _best_set(items, y, usable, max_nodes)
+        if found is None:
+            return {"lp_steps": None, "exact": False, "rounds": rounds,
+                    "largest_set": max(len(c) for c in cols), "num_blocks": num_blocks}
+        w, best = found
+        bound = max(bound, float(y @ s) / max(w, _TOL))
+        exact = w <= 1 + 1e-7
+        if exact or best in seen or rounds == max_rounds:
+            used = [c for c, x in zip(cols, res.x) if x > _TOL]
+            return {"lp_steps": math.ceil(bound - 1e-6), "exact": exact, "rounds": rounds,
+                    "largest_set": max(len(c) for c in used), "num_blocks": num_blocks}
+        cols.append(best)
+        seen.add(best)
+    raise AssertionError("unreachable")
