@@ -47,7 +47,9 @@ def test_run_rule_packs_runs_without_padding():
         "shared": 5, "private": 2, "total": 7}
 
 
-def test_audit_prints_and_returns_the_bound(tmp_path, capsys):
+def _readers_workload(tmp_path):
+    """Four readers of one 8-block document after 12-token instructions (9 blocks each),
+    20 output tokens each."""
     doc = list(range(100, 100 + 8 * B))
     path = tmp_path / "w.jsonl"
     with path.open("w") as f:
@@ -56,6 +58,11 @@ def test_audit_prints_and_returns_the_bound(tmp_path, capsys):
             f.write(json.dumps({"prompt_token_ids": instr + doc, "output_len": 20,
                                 "arrival_time": None, "session_id": None,
                                 "source": f"doc0:instr{i}"}) + "\n")
+    return path
+
+
+def test_audit_prints_and_returns_the_bound(tmp_path, capsys):
+    path = _readers_workload(tmp_path)
     assert main(["audit", str(path), "--block-size", "32", "--num-blocks", "16", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     bound = res["per_block_size"]["32"]["packing"]["16"]
@@ -65,3 +72,18 @@ def test_audit_prints_and_returns_the_bound(tmp_path, capsys):
     assert "Fewest engine steps" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["audit", str(path), "--num-blocks", "0"])
+
+
+def test_audit_lp_option(tmp_path, capsys):
+    """A 16-block pool runs one stock request at a time (4 x 20 steps, analysis.schedule_lp)
+    while shared mode fits readers side by side."""
+    path = _readers_workload(tmp_path)
+    assert main(["audit", str(path), "--block-size", "32", "--num-blocks", "16", "--lp",
+                 "--k", "32", "--json"]) == 0
+    bound = json.loads(capsys.readouterr().out)["per_block_size"]["32"]["packing"]["16"]
+    assert bound["prefix"]["lp_steps"] == 80 and bound["prefix"]["lp_exact"]
+    assert bound["shared"]["min_steps"] <= bound["shared"]["lp_steps"] < 80
+    assert main(["audit", str(path), "--block-size", "32", "--num-blocks", "16", "--lp"]) == 0
+    assert "any admission order" in capsys.readouterr().out
+    assert main(["audit", str(path), "--lp"]) == 2      # --lp without a pool size
+    assert "give --num-blocks" in capsys.readouterr().err

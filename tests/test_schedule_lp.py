@@ -95,29 +95,3 @@ def test_a_search_past_its_node_budget_claims_no_bound():
     r = lp_min_steps(fps, B, num_blocks=100, max_nodes=5)
     assert r["lp_steps"] is None and not r["exact"]
 
-
-def test_audit_lp_option(tmp_path, capsys):
-    """Four readers of one 8-block document (plus 12-token instructions): one prompt
-    takes 9 blocks, so a 16-block pool runs one stock request at a time (4 x 20 steps)
-    while shared mode fits the readers side by side."""
-    from analysis.__main__ import main
-    import json
-
-    doc = list(range(100, 100 + 8 * 32))
-    path = tmp_path / "w.jsonl"
-    with path.open("w") as f:
-        for i in range(4):
-            instr = list(range(10 + 20 * i, 10 + 20 * i + 12))
-            f.write(json.dumps({"prompt_token_ids": instr + doc, "output_len": 20,
-                                "arrival_time": None, "session_id": None,
-                                "source": f"doc0:instr{i}"}) + "\n")
-    assert main(["audit", str(path), "--block-size", "32", "--num-blocks", "16", "--lp",
-                 "--k", "32", "--json"]) == 0
-    bound = json.loads(capsys.readouterr().out)["per_block_size"]["32"]["packing"]["16"]
-    assert bound["prefix"]["lp_steps"] == 80 and bound["prefix"]["lp_exact"]
-    assert bound["shared"]["lp_steps"] < 80
-    assert bound["shared"]["lp_steps"] >= bound["shared"]["min_steps"]
-    assert main(["audit", str(path), "--block-size", "32", "--num-blocks", "16", "--lp"]) == 0
-    assert "any admission order" in capsys.readouterr().out
-    assert main(["audit", str(path), "--lp"]) == 2      # --lp without a pool size
-    assert "give --num-blocks" in capsys.readouterr().err
