@@ -26,6 +26,21 @@ def _tokens(rng, n):
     return rng.integers(3, 2000, size=int(n)).tolist()
 
 
+def _settled_stats(vllm_ext, llm, timeout_s: float = 30.0) -> dict:
+    """``dedup_stats`` once the engine core has caught up. The client loop ends when it
+    has seen every request finish or has aborted it, but the engine core applies the last
+    aborts and frees the last blocks after that, and the stats board is written at the end
+    of each engine step: read it until it shows no request left (or give up)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = vllm_ext.dedup_stats(llm)
+        if (s["num_running"] == 0 and s["num_waiting"] == 0) or time.monotonic() > deadline:
+            return s
+        time.sleep(0.2)
+
+
 def test_soak_shared_mode_random_offsets_aborts_preemption_eviction(engines):
     from vllm import SamplingParams
 
@@ -85,7 +100,7 @@ def test_soak_shared_mode_random_offsets_aborts_preemption_eviction(engines):
                     live.discard(out.request_id)
         steps += 1
         assert steps < 200 * N_REQUESTS, "the soak did not finish"
-    s1 = vllm_ext.dedup_stats(llm)
+    s1 = _settled_stats(vllm_ext, llm)
     by_id = {rid: (prompt, salt, sp) for rid, prompt, salt, sp in plan}
     print("soak:", {k: s1[k] - s0[k] for k in ("borrowed_runs", "preemptions",
                                               "store_evictions")},
