@@ -50,7 +50,7 @@ def block_steps(footprints: Sequence[RequestFootprint], block_size: int,
             own_tokens = fp.prompt_len - sum(t for _, t in fp.shared)
             private += sum(own_tokens + k for k in range(steps))
         else:
-            covered = len(fp.shared) if fp.covered is None else fp.covered
+            covered = fp.covered_blocks
             private += sum(max(0, -(-(fp.prompt_len + k) // B) - covered)
                            for k in range(steps))
     if token_granular:   # runs and private tokens packed without padding, as in simulate

@@ -58,12 +58,11 @@ def _items(footprints: Sequence[RequestFootprint], block_size: int) -> list[_Ite
     ids: dict = {}
     out = []
     for fp in footprints:
-        covered = len(fp.shared) if fp.covered is None else fp.covered
         keys = set()
         for key, tokens in fp.shared:
             for j in range(-(-tokens // B)):
                 keys.add(ids.setdefault((key, j), len(ids)))
-        out.append(_Item(max(fp.output_len, 1), max(0, -(-fp.prompt_len // B) - covered),
+        out.append(_Item(max(fp.output_len, 1), max(0, -(-fp.prompt_len // B) - fp.covered_blocks),
                          frozenset(keys)))
     return out
 

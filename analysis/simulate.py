@@ -71,6 +71,12 @@ class RequestFootprint:
     shared: Sequence[tuple[Hashable, int]]
     covered: int | None = None
 
+    @property
+    def covered_blocks(self) -> int:
+        """Own logical blocks the keys stand for (block rules): ``covered`` if given,
+        else one per key."""
+        return len(self.shared) if self.covered is None else self.covered
+
 
 def _ceil_div(a: np.ndarray, b: int) -> np.ndarray:
     return -(-a // b)
@@ -99,7 +105,7 @@ def simulate_kv_blocks(
     n = len(footprints)
     prompt = np.array([f.prompt_len for f in footprints], dtype=np.int64)
     dur = np.array([max(int(f.output_len), 1) for f in footprints], dtype=np.int64)
-    nkeys = np.array([len(f.shared) if f.covered is None else f.covered for f in footprints],
+    nkeys = np.array([f.covered_blocks for f in footprints],
                      dtype=np.int64)
     covered = np.array([sum(cst for _, cst in f.shared) for f in footprints], dtype=np.int64)
     if not token_granular and np.any(nkeys > _ceil_div(prompt, b)):
