@@ -109,8 +109,9 @@ def lp_min_steps(footprints: Sequence[RequestFootprint], block_size: int, num_bl
     """The co-residency LP's lower bound on engine steps at a pool of ``num_blocks``.
 
     Returns ``lp_steps`` (the bound, rounded up; None when the search gave up),
-    ``exact`` (the LP was solved to optimality), ``rounds`` (master LPs solved) and
-    ``largest_set`` (most requests in one set that fits, among the sets used)."""
+    ``exact`` (the LP was solved to optimality), ``rounds`` (master LPs solved),
+    ``largest_set`` (most requests in one set that fits, among the sets used) and
+    ``sets`` (the master's solution: ``(request indices, steps)`` for each set it runs)."""
     from scipy.optimize import linprog
 
     if num_blocks < 2:
@@ -146,9 +147,10 @@ def lp_min_steps(footprints: Sequence[RequestFootprint], block_size: int, num_bl
         bound = max(bound, float(y @ s) / max(w, _TOL))
         exact = w <= 1 + 1e-7
         if exact or best in seen or rounds == max_rounds:
-            used = [c for c, x in zip(cols, res.x) if x > _TOL]
+            used = [(c, float(x)) for c, x in zip(cols, res.x) if x > _TOL]
             return {"lp_steps": math.ceil(bound - 1e-6), "exact": exact, "rounds": rounds,
-                    "largest_set": max(len(c) for c in used), "num_blocks": num_blocks}
+                    "largest_set": max(len(c) for c, _ in used), "num_blocks": num_blocks,
+                    "sets": used}
         cols.append(best)
         seen.add(best)
     raise AssertionError("unreachable")
