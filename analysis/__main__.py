@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--lp", action="store_true",
         help="with --num-blocks: also bound the steps of any admission order by which "
-        "requests fit side by side (analysis.schedule_lp; prefix and shared rules)")
+        "requests fit side by side (analysis.schedule_lp; prefix, shared and run rules)")
     audit.add_argument("--run-min-len", type=_positive_int, default=None, metavar="T",
                        help="chunk_runs min_len (default: chunk_runs' own default)")
     audit.add_argument("--run-avg-len", type=_positive_int, default=None, metavar="T",

@@ -342,8 +342,9 @@ def _audit_block_size(
 def _bounds(footprints: dict, block_size: int, num_blocks: int, lp: bool) -> dict:
     out = rule_bounds(footprints, block_size, num_blocks)
     if lp:
-        for rule in ("prefix", "shared"):
-            r = lp_min_steps(footprints[rule], block_size, num_blocks)
+        for rule in ("prefix", "shared", "run"):
+            r = lp_min_steps(footprints[rule], block_size, num_blocks,
+                             token_granular=(rule == "run"))
             out[rule].update(lp_steps=r["lp_steps"], lp_exact=r["exact"])
     return out
 
@@ -538,11 +539,15 @@ def format_audit_table(result: dict) -> str:
     if lps:
         lines += ["", "Fewest engine steps of any admission order, from which requests fit "
                   "side by side (analysis.schedule_lp; * = search budget hit, no bound):",
-                  f"{'block':>6} {'N':>6} | {'prefix':>8} {'shared':>8} | prefix/shared",
-                  "-" * 76]
+                  f"{'block':>6} {'N':>6} | {'prefix':>8} {'shared':>8} {'run':>8} |"
+                  " prefix/shared prefix/run", "-" * 76]
         for bs, n, b in lps:
-            p, q = b["prefix"]["lp_steps"], b["shared"]["lp_steps"]
-            ratio = f"{p / q:>12.2f}" if p and q else f"{'-':>12}"
-            lines.append(f"{bs:>6} {n:>6} | {p if p else '*':>8} {q if q else '*':>8} | {ratio}")
+            p, q, r = (b[rule]["lp_steps"] for rule in ("prefix", "shared", "run"))
+            ratios = " ".join(f"{p / x:>{w}.2f}" if p and x else f"{'-':>{w}}"
+                              for x, w in ((q, 13), (r, 10)))
+            lines.append(f"{bs:>6} {n:>6} | " + " ".join(f"{x if x else '*':>8}" for x in (p, q, r))
+                         + f" | {ratios}")
+        lines.append("run: the ideal plan, every distinct content run held once and never "
+                     "recomputed, packed without padding")
     return "\n".join(lines)
 

@@ -19,6 +19,10 @@ block as its null block). Every engine step runs a set that fits, and each reque
 over all sets that fit. Its optimum is a lower bound on the steps of *every* schedule
 under the footprints' sharing plan (which request borrows what; for the ``shared`` rule,
 shared mode's plan, ``analysis.borrow``): any order, any preemption, any admission rule.
+For the audit's ``run`` rule (``token_granular``) the plan is the ideal one: every
+distinct content-defined run held once, nothing recomputed, and a set fits when its
+tokens fit in ``B`` tokens per usable block (no padding, no misaligned edge), so its bound
+holds for any plan that shares those runs.
 Running requests only grow, preempted ones redo steps, and cached blocks no request holds
 still take room, so each of those only adds steps.
 
@@ -49,33 +53,48 @@ _TOL = 1e-9
 @dataclass(frozen=True)
 class _Item:
     steps: int
-    private: int
-    keys: frozenset          # key ids, one block each
+    private: int             # tokens (block rules: whole blocks of tokens)
+    keys: frozenset          # key ids
 
 
-def _items(footprints: Sequence[RequestFootprint], block_size: int) -> list[_Item]:
+def _items(footprints: Sequence[RequestFootprint], block_size: int,
+           token_granular: bool) -> tuple[list[_Item], list[int]]:
+    """The requests as LP items, and each key id's size in tokens. Block rules: a key of
+    ``t`` tokens is ``ceil(t / B)`` keys of one block each, and a request's private part
+    is its uncovered blocks. Token-granular (the ``run`` rule): a key is its tokens, and
+    the private part is the prompt's tokens outside every key, packed without padding."""
     B = block_size
     ids: dict = {}
+    size: list[int] = []
+
+    def key_id(key, tokens: int) -> int:
+        if key not in ids:
+            ids[key] = len(size)
+            size.append(tokens)
+        return ids[key]
+
     out = []
     for fp in footprints:
-        keys = set()
-        for key, tokens in fp.shared:
-            for j in range(-(-tokens // B)):
-                keys.add(ids.setdefault((key, j), len(ids)))
-        out.append(_Item(max(fp.output_len, 1), max(0, -(-fp.prompt_len // B) - fp.covered_blocks),
-                         frozenset(keys)))
-    return out
+        if token_granular:
+            keys = {key_id(key, t) for key, t in fp.shared}
+            private = max(0, fp.prompt_len - sum(t for _, t in fp.shared))
+        else:
+            keys = {key_id((key, j), B) for key, t in fp.shared for j in range(-(-t // B))}
+            private = B * max(0, -(-fp.prompt_len // B) - fp.covered_blocks)
+        out.append(_Item(max(fp.output_len, 1), private, frozenset(keys)))
+    return out, size
 
 
-def _best_set(items: list[_Item], y: np.ndarray, usable: int,
+def _best_set(items: list[_Item], size: list[int], y: np.ndarray, room: int,
               max_nodes: int) -> tuple[float, tuple[int, ...]] | None:
-    """The set that fits with the largest ``sum(y)``, or None past ``max_nodes``."""
+    """The set that fits in ``room`` tokens with the largest ``sum(y)``, or None past
+    ``max_nodes``."""
     cand = [i for i in np.argsort(-y, kind="stable") if y[i] > _TOL]
     suffix = np.concatenate([np.cumsum(y[cand][::-1])[::-1], [0.0]])
     best = [0.0, ()]
     nodes = 0
 
-    def dfs(pos: int, chosen: list[int], keys: frozenset, private: int, w: float) -> bool:
+    def dfs(pos: int, chosen: list[int], keys: frozenset, used: int, w: float) -> bool:
         nonlocal nodes
         nodes += 1
         if nodes > max_nodes:
@@ -86,14 +105,14 @@ def _best_set(items: list[_Item], y: np.ndarray, usable: int,
             if w + suffix[j] <= best[0] + _TOL:
                 return True
             it = items[cand[j]]
-            p = private + it.private
-            if p > usable:
+            u = used + it.private
+            if u > room:
                 continue
-            u = keys | it.keys
-            if p + len(u) > usable:
+            u += sum(size[k] for k in it.keys - keys)
+            if u > room:
                 continue
             chosen.append(cand[j])
-            ok = dfs(j + 1, chosen, u, p, w + y[cand[j]])
+            ok = dfs(j + 1, chosen, keys | it.keys, u, w + y[cand[j]])
             chosen.pop()
             if not ok:
                 return False
@@ -105,8 +124,11 @@ def _best_set(items: list[_Item], y: np.ndarray, usable: int,
 
 
 def lp_min_steps(footprints: Sequence[RequestFootprint], block_size: int, num_blocks: int,
-                 max_nodes: int = MAX_NODES, max_rounds: int = 500) -> dict:
-    """The co-residency LP's lower bound on engine steps at a pool of ``num_blocks``.
+                 max_nodes: int = MAX_NODES, max_rounds: int = 500,
+                 token_granular: bool = False) -> dict:
+    """The co-residency LP's lower bound on engine steps at a pool of ``num_blocks``
+    (``token_granular``: for the ``run`` rule, whose keys are runs of any length, a set
+    fits when its tokens do, ``B`` per usable block: no padding, the ideal packing).
 
     Returns ``lp_steps`` (the bound, rounded up; None when the search gave up),
     ``exact`` (the LP was solved to optimality), ``rounds`` (master LPs solved),
@@ -118,12 +140,14 @@ def lp_min_steps(footprints: Sequence[RequestFootprint], block_size: int, num_bl
         raise AnalysisError(f"num_blocks must be at least 2 (one is vLLM's null block), "
                             f"got {num_blocks}")
     usable = num_blocks - 1
-    items = _items(footprints, block_size)
+    room = usable * block_size
+    items, size = _items(footprints, block_size, token_granular)
     if not items:
         raise AnalysisError("no requests to bound")
     for i, it in enumerate(items):
-        if it.private + len(it.keys) > usable:
-            raise AnalysisError(f"request {i} needs {it.private + len(it.keys)} blocks on its "
+        need = it.private + sum(size[k] for k in it.keys)
+        if need > room:
+            raise AnalysisError(f"request {i} needs {-(-need // block_size)} blocks on its "
                                 f"own, more than the {usable} usable blocks of a "
                                 f"{num_blocks}-block pool")
     n = len(items)
@@ -139,7 +163,7 @@ def lp_min_steps(footprints: Sequence[RequestFootprint], block_size: int, num_bl
         if res.status != 0:
             raise AnalysisError(f"the master LP failed: {res.message}")
         y = np.maximum(0.0, -np.asarray(res.ineqlin.marginals))
-        found = _best_set(items, y, usable, max_nodes)
+        found = _best_set(items, size, y, room, max_nodes)
         if found is None:
             return {"lp_steps": None, "exact": False, "rounds": rounds,
                     "largest_set": max(len(c) for c in cols), "num_blocks": num_blocks}

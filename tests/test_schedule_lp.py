@@ -43,20 +43,37 @@ def test_no_sharing_runs_as_many_requests_as_fit():
     assert lp_min_steps(fps, B, num_blocks=11)["lp_steps"] == 10     # the longest one
 
 
-def _brute_force(fps, usable):
+def test_token_granular_sets_fit_by_their_tokens():
+    """The run rule's keys are runs of any length: two 6-token runs take 12 tokens, three
+    4-token blocks' worth, where whole blocks would need four."""
+    fps = [RequestFootprint(6, 10, (("a", 6),)), RequestFootprint(6, 10, (("b", 6),))]
+    assert lp_min_steps(fps, B, num_blocks=4, token_granular=True)["lp_steps"] == 10
+    assert lp_min_steps(fps, B, num_blocks=4)["lp_steps"] == 20
+    # a shared run counts once; tokens outside every run are the request's own
+    fps = [RequestFootprint(11, 10, (("a", 8), ("x", 2))),
+           RequestFootprint(10, 10, (("a", 8), ("y", 2)))]
+    assert lp_min_steps(fps, B, num_blocks=4, token_granular=True)["lp_steps"] == 20
+    assert lp_min_steps(fps, B, num_blocks=5, token_granular=True)["lp_steps"] == 10
+
+
+def _brute_force(fps, usable, token_granular=False):
     """The LP with a column for every set that fits (scipy), for small workloads."""
     from scipy.optimize import linprog
 
-    def blocks(S):
+    def fits(S):
+        if token_granular:
+            keys = {(k, t) for i in S for k, t in fps[i].shared}
+            own = sum(fps[i].prompt_len - sum(t for _, t in fps[i].shared) for i in S)
+            return own + sum(t for _, t in keys) <= usable * B
         keys = {(k, j) for i in S for k, t in fps[i].shared for j in range(-(-t // B))}
         own = sum(max(0, -(-fps[i].prompt_len // B)
                       - (len(fps[i].shared) if fps[i].covered is None else fps[i].covered))
                   for i in S)
-        return own + len(keys)
+        return own + len(keys) <= usable
 
     n = len(fps)
     cols = [S for m in range(1, n + 1) for S in itertools.combinations(range(n), m)
-            if blocks(S) <= usable]
+            if fits(S)]
     A = np.zeros((n, len(cols)))
     for j, S in enumerate(cols):
         A[list(S), j] = 1
@@ -80,6 +97,16 @@ def test_column_generation_equals_the_lp_over_every_set(seed):
     r = lp_min_steps(fps, B, num_blocks=usable + 1)
     assert r["exact"]
     assert r["lp_steps"] == int(np.ceil(_brute_force(fps, usable) - 1e-6))
+    # the run rule: runs of any length, own tokens outside them
+    runs = {d: tuple(((d, j), int(rng.integers(1, 9))) for j in range(3)) for d in "abc"}
+    fps = [RequestFootprint(sum(t for _, t in keys) + int(rng.integers(0, 6)),
+                            int(rng.integers(0, 20)), keys)
+           for keys in (tuple(kv for d in "abc" if rng.random() < 0.5 for kv in runs[d])
+                        for _ in range(9))]
+    usable = -(-max(fp.prompt_len for fp in fps) // B) + int(rng.integers(0, 6))
+    r = lp_min_steps(fps, B, num_blocks=usable + 1, token_granular=True)
+    assert r["exact"]
+    assert r["lp_steps"] == int(np.ceil(_brute_force(fps, usable, True) - 1e-6))
 
 
 def test_a_request_larger_than_the_pool_is_refused():
