@@ -275,7 +275,7 @@ def _audit_block_size(
 ) -> dict:
     """All per-block-size numbers: prefix, block and shared rules + simulation (+ the
     packing bound at each of ``num_blocks``, and with ``lp`` the co-residency LP's for the
-    prefix and shared rules)."""
+    prefix, shared and run rules)."""
     b = block_size
     total_tokens = sum(len(t) for t in prompts)
     total_full_blocks = sum(len(t) // b for t in prompts)
@@ -386,7 +386,7 @@ def audit_requests(
     ``min_inject`` and ``edges`` are shared mode's settings for the ``shared`` rule; for
     each pool size in ``num_blocks`` the result has each rule's lower bound on engine
     steps (``analysis.packing``; with ``lp`` also ``lp_steps``, the co-residency LP's
-    bound for the prefix and shared rules, ``analysis.schedule_lp``)."""
+    bound for the prefix, shared and run rules, ``analysis.schedule_lp``)."""
     if not requests:
         raise AnalysisError("no requests to audit")
     if not block_sizes:

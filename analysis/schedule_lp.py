@@ -133,7 +133,9 @@ def lp_min_steps(footprints: Sequence[RequestFootprint], block_size: int, num_bl
     Returns ``lp_steps`` (the bound, rounded up; None when the search gave up),
     ``exact`` (the LP was solved to optimality), ``rounds`` (master LPs solved),
     ``largest_set`` (most requests in one set that fits, among the sets used) and
-    ``sets`` (the master's solution: ``(request indices, steps)`` for each set it runs)."""
+    ``sets`` (the master's solution: ``(request indices, steps)`` for each set it runs;
+    None when the search gave up). Token-granular keys take the size of their first
+    occurrence (a content digest has one length)."""
     from scipy.optimize import linprog
 
     if num_blocks < 2:
@@ -166,7 +168,8 @@ def lp_min_steps(footprints: Sequence[RequestFootprint], block_size: int, num_bl
         found = _best_set(items, size, y, room, max_nodes)
         if found is None:
             return {"lp_steps": None, "exact": False, "rounds": rounds,
-                    "largest_set": max(len(c) for c in cols), "num_blocks": num_blocks}
+                    "largest_set": max(len(c) for c in cols), "num_blocks": num_blocks,
+                    "sets": None}
         w, best = found
         bound = max(bound, float(y @ s) / max(w, _TOL))
         exact = w <= 1 + 1e-7

@@ -83,7 +83,8 @@ def test_audit_lp_option(tmp_path, capsys):
     bound = json.loads(capsys.readouterr().out)["per_block_size"]["32"]["packing"]["16"]
     assert bound["prefix"]["lp_steps"] == 80 and bound["prefix"]["lp_exact"]
     assert bound["shared"]["min_steps"] <= bound["shared"]["lp_steps"] < 80
-    assert bound["run"]["lp_exact"] and bound["run"]["lp_steps"] <= bound["shared"]["lp_steps"]
+    assert bound["run"]["lp_exact"]
+    assert bound["run"]["min_steps"] <= bound["run"]["lp_steps"] <= bound["shared"]["lp_steps"]
     assert main(["audit", str(path), "--block-size", "32", "--num-blocks", "16", "--lp"]) == 0
     assert "any admission order" in capsys.readouterr().out
     assert main(["audit", str(path), "--lp"]) == 2      # --lp without a pool size

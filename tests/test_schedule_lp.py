@@ -46,7 +46,8 @@ def test_no_sharing_runs_as_many_requests_as_fit():
 def test_token_granular_sets_fit_by_their_tokens():
     """The run rule's keys are runs of any length: two 6-token runs take 12 tokens, three
     4-token blocks' worth, where whole blocks would need four."""
-    fps = [RequestFootprint(6, 10, (("a", 6),)), RequestFootprint(6, 10, (("b", 6),))]
+    fps = [RequestFootprint(6, 10, (("a", 6),), covered=2),
+           RequestFootprint(6, 10, (("b", 6),), covered=2)]
     assert lp_min_steps(fps, B, num_blocks=4, token_granular=True)["lp_steps"] == 10
     assert lp_min_steps(fps, B, num_blocks=4)["lp_steps"] == 20
     # a shared run counts once; tokens outside every run are the request's own
@@ -113,6 +114,10 @@ def test_a_request_larger_than_the_pool_is_refused():
     fps = _doc_group("a", [3])          # 12 blocks
     with pytest.raises(AnalysisError, match="request 0 needs 12 blocks"):
         lp_min_steps(fps, B, num_blocks=12)
+    fps = [RequestFootprint(13, 3, (("a", 9),))]     # 13 tokens: 4 blocks unpadded
+    with pytest.raises(AnalysisError, match="request 0 needs 4 blocks"):
+        lp_min_steps(fps, B, num_blocks=4, token_granular=True)
+    assert lp_min_steps(fps, B, num_blocks=5, token_granular=True)["lp_steps"] == 3
     with pytest.raises(AnalysisError, match="at least 2"):
         lp_min_steps(fps, B, num_blocks=1)
 

@@ -371,16 +371,17 @@ def test_group_hold_caps_a_document_group_where_two_sources_fit_side_by_side():
     """The same document group in a 60-block pool, where two 28-block first occurrences
     fit side by side: capped at half the pool (30), so the next document can start while
     the readers of the one before it finish."""
-    e = Engine()
-    x, waiting = _group(e, _tokens(52, 800))
-    e.pool.usable = 60
-    e.state.begin_step([x], waiting)
-    promised = e.state.promised()
-    e.pool.free = 29 + promised
-    assert e.state.should_hold(waiting[0], 0)
-    e.pool.free = 30 + promised
-    e.state.begin_step([x], waiting)
-    assert not e.state.should_hold(waiting[0], 0)
+    for usable in (60, 56):                        # 56: exactly two sources side by side
+        e = Engine()
+        x, waiting = _group(e, _tokens(52, 800))
+        e.pool.usable = usable
+        e.state.begin_step([x], waiting)
+        promised = e.state.promised()
+        e.pool.free = usable // 2 - 1 + promised
+        assert e.state.should_hold(waiting[0], 0)
+        e.pool.free = usable // 2 + promised
+        e.state.begin_step([x], waiting)
+        assert not e.state.should_hold(waiting[0], 0)
 
 
 def test_group_hold_never_starves():

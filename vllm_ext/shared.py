@@ -53,9 +53,10 @@ from .sequence import MAX_BYPASS, ORDER_WINDOW, RequestPlan, SequenceState
 
 logger = logging.getLogger("kvdedup")
 #: The group hold waits for at most this share of the usable pool, except for a document
-#: and its readers (``SharedState.should_hold``). A larger group (a RAG prompt's passages
-#: recur in most waiting prompts) is admitted once half the pool is free, instead of
-#: waiting for the running requests to drain it.
+#: and its readers where two first occurrences cannot run side by side
+#: (``SharedState.should_hold``). A larger group (a RAG prompt's passages recur in most
+#: waiting prompts) is admitted once half the pool is free, instead of waiting for the
+#: running requests to drain it.
 GROUP_SHARE = 0.5
 DEBUG = os.environ.get("KVDEDUP_DEBUG") == "1"
 
