@@ -332,13 +332,12 @@ def test_group_hold_caps_a_group_that_is_not_a_documents_readers():
 
 def test_group_hold_waits_for_a_whole_document_group_larger_than_half_the_pool():
     """A document and its readers (the source's 28 blocks and its two followers' own: 50
-    in all) larger than half the pool, in a pool where two such sources do not fit
-    side by side, waits for all of it; its held steps count only while the first
-    occurrence alone (28 blocks) would fit."""
+    in all) larger than half the pool waits for all of it; its held steps count only
+    while the first occurrence alone (28 blocks) would fit."""
     e = Engine()
     doc = _tokens(52, 800)
     x, waiting = _group(e, doc)
-    e.pool.usable = 54                             # half: 27; two sources: 56
+    e.pool.usable = 54                             # half: 27
     e.state.begin_step([x], waiting)
     promised = e.state.promised()
     e.pool.free = 28 + promised                    # over half the pool: not enough
@@ -365,23 +364,6 @@ def test_group_hold_waits_for_a_whole_document_group_larger_than_half_the_pool()
     e.state.begin_step([x], waiting)
     e.pool.free = 24 + promised
     assert not e.state.should_hold(waiting[0], 0)
-
-
-def test_group_hold_caps_a_document_group_where_two_sources_fit_side_by_side():
-    """The same document group in a 60-block pool, where two 28-block first occurrences
-    fit side by side: capped at half the pool (30), so the next document can start while
-    the readers of the one before it finish."""
-    for usable in (60, 56):                        # 56: exactly two sources side by side
-        e = Engine()
-        x, waiting = _group(e, _tokens(52, 800))
-        e.pool.usable = usable
-        e.state.begin_step([x], waiting)
-        promised = e.state.promised()
-        e.pool.free = usable // 2 - 1 + promised
-        assert e.state.should_hold(waiting[0], 0)
-        e.pool.free = usable // 2 + promised
-        e.state.begin_step([x], waiting)
-        assert not e.state.should_hold(waiting[0], 0)
 
 
 def test_group_hold_never_starves():

@@ -53,10 +53,9 @@ from .sequence import MAX_BYPASS, ORDER_WINDOW, RequestPlan, SequenceState
 
 logger = logging.getLogger("kvdedup")
 #: The group hold waits for at most this share of the usable pool, except for a document
-#: and its readers where two first occurrences cannot run side by side
-#: (``SharedState.should_hold``). A larger group (a RAG prompt's passages recur in most
-#: waiting prompts) is admitted once half the pool is free, instead of waiting for the
-#: running requests to drain it.
+#: and its readers (``SharedState.should_hold``). A larger group (a RAG prompt's passages
+#: recur in most waiting prompts) is admitted once half the pool is free, instead of
+#: waiting for the running requests to drain it.
 GROUP_SHARE = 0.5
 DEBUG = os.environ.get("KVDEDUP_DEBUG") == "1"
 
@@ -280,13 +279,10 @@ class SharedState(SequenceState):
         A group waits for at most ``GROUP_SHARE`` of the usable pool, except a *document
         group*: one larger than that share that still fits in the pool, whose followers
         borrow at least as many blocks as the first occurrence holds (a document and its
-        readers), and whose first occurrence takes more than half the pool (two cannot
-        run side by side). Then at most one such group runs at a time, and a first
-        occurrence admitted beside another group would strand its readers, so it waits
-        for the whole group, and its held steps count only while it alone would fit
-        (while the pool, not the hold, keeps it out, it loses nothing). Where two first
-        occurrences fit side by side, the cap lets the next document start while the
-        last readers of the one before it finish."""
+        readers). At most one such group runs at a time, and a first occurrence admitted
+        beside another group would strand its readers, so it waits for the whole group,
+        and its held steps count only while it alone would fit (while the pool, not the
+        hold, keeps it out, it loses nothing)."""
         if super().should_hold(request, start):
             return True
         if self.admission != "group" or not self.running or not self.followers \
@@ -316,7 +312,7 @@ class SharedState(SequenceState):
             borrowed += max(0, n - self.k) // B
         usable = self.pool.num_usable_blocks()
         cap = int(usable * GROUP_SHARE)
-        document = cap < need <= usable and borrowed >= own and 2 * own > usable
+        document = cap < need <= usable and borrowed >= own
         if not document:
             need = min(need, cap)
         free = self.pool.num_free_blocks() - self.promised()
