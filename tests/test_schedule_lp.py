@@ -67,9 +67,7 @@ def _brute_force(fps, usable, token_granular=False):
             own = sum(fps[i].prompt_len - sum(t for _, t in fps[i].shared) for i in S)
             return own + sum(t for _, t in keys) <= usable * B
         keys = {(k, j) for i in S for k, t in fps[i].shared for j in range(-(-t // B))}
-        own = sum(max(0, -(-fps[i].prompt_len // B)
-                      - (len(fps[i].shared) if fps[i].covered is None else fps[i].covered))
-                  for i in S)
+        own = sum(max(0, -(-fps[i].prompt_len // B) - fps[i].covered_blocks) for i in S)
         return own + len(keys) <= usable
 
     n = len(fps)
